@@ -1,0 +1,20 @@
+"""Prefect flows, one per stage (`flows/<stage>.py`), and the `rlhf` command line."""
+
+import os
+
+# Defaults for a machine without internet, set before Prefect, MLflow or HF libraries load;
+# a user's own environment wins.
+for _key, _value in {
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "TRL_EXPERIMENTAL_SILENCE": "1",  # SimPO's CPOTrainer is experimental; TRL is pinned
+    "TOKENIZERS_PARALLELISM": "false",
+    # Route our modules' and the trainers' logs through Prefect (UI + run logs).
+    "PREFECT_LOGGING_EXTRA_LOGGERS": "tasks,transformers,trl,datasets",
+}.items():
+    os.environ.setdefault(_key, _value)
+
+import logging  # noqa: E402
+
+logging.getLogger("tasks").setLevel(logging.INFO)  # progress lines of our own tasks

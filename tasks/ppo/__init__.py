@@ -1,0 +1,1 @@
+"""PPO components for the RLHF pipeline (pure-math losses live in ``losses.py``)."""

@@ -1,0 +1,140 @@
+"""MLflow: one run per stage, named after it, with lineage tags; summary metrics also to DVC.
+
+The run is opened by the stage's flow and is the active run of its thread, so transformers'
+MLflow callback (TRL trainers) logs its per-step metrics into it. An exception inside the run
+marks it FAILED (KILLED on Ctrl-C): no run is left RUNNING.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.metadata
+import logging
+import os
+import re
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from ruamel.yaml import YAML
+
+from tasks.config import METRICS_DIR, STAGE_SECTIONS, Params, TrackingConfig
+from tasks.io import write_json
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+LIBRARIES = (
+    "torch",
+    "transformers",
+    "trl",
+    "datasets",
+    "accelerate",
+    "peft",
+    "prefect",
+    "mlflow",
+    "dvc",
+)
+_SECRET = re.compile(r"token|secret|password|passwd|api_?key|credential", re.IGNORECASE)
+
+
+def tracking_uri(cfg: TrackingConfig) -> str:
+    """params → $MLFLOW_TRACKING_URI → a SQLite file in the working directory."""
+    return cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+@contextlib.contextmanager
+def stage_run(stage: str, params: Params) -> Iterator[mlflow.ActiveRun]:
+    """Open the stage's MLflow run (tags, flattened params) for the duration of the block."""
+    mlflow.set_tracking_uri(tracking_uri(params.tracking))
+    mlflow.set_experiment(params.tracking.experiment)
+    with mlflow.start_run(run_name=stage, tags=run_tags(stage, params)) as run:
+        sections = {name: getattr(params, name).model_dump() for name in STAGE_SECTIONS[stage]}
+        mlflow.log_params(flatten(sections))
+        log.info(
+            "MLflow run %s (%s) in experiment '%s'",
+            run.info.run_id,
+            stage,
+            params.tracking.experiment,
+        )
+        yield run
+
+
+def log_summary(stage: str, metrics: dict[str, float]) -> dict[str, float]:
+    """Log the stage's summary metrics to the active run and write `metrics/<stage>.json`."""
+    mlflow.log_metrics(metrics)
+    write_json(METRICS_DIR / f"{stage}.json", metrics)
+    return metrics
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'sft': {'trainer': {'learning_rate': 1e-3}}} → {'sft.trainer.learning_rate': 1e-3};
+    keys that look like secrets are dropped, so a token never becomes an MLflow param."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if _SECRET.search(key):
+            continue
+        if isinstance(value, dict) and value:
+            flat |= flatten(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def run_tags(stage: str, params: Params) -> dict[str, str]:
+    """Lineage: stage, seed, git commit, pipeline id, library versions, upstream DVC hashes."""
+    tags = {
+        "rlhf.stage": stage,
+        "rlhf.seed": str(params.common.seed),
+        "rlhf.pipeline_id": pipeline_id(),
+        "mlflow.source.git.commit": _git("rev-parse", "HEAD") or "unknown",
+        "rlhf.git_dirty": str(bool(_git("status", "--porcelain", "--untracked-files=no"))),
+    }
+    for name in LIBRARIES:
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            tags[f"version.{name}"] = importlib.metadata.version(name)
+    return tags | upstream_hashes(stage)
+
+
+def pipeline_id() -> str:
+    """Shared by the stages of one `dvc repro`: $RLHF_PIPELINE_ID, else derived from the DVC
+    process that runs this stage (each stage is its child), else unique to this process."""
+    if from_env := os.environ.get("RLHF_PIPELINE_ID"):
+        return from_env
+    import psutil
+
+    process = psutil.Process()
+    for ancestor in process.parents():
+        with contextlib.suppress(psutil.Error):
+            if any(Path(part).name == "dvc" for part in ancestor.cmdline()[:2]):
+                process = ancestor
+                break
+    seed = f"{process.pid}-{process.create_time()}"
+    return hashlib.sha1(seed.encode()).hexdigest()[:12]
+
+
+def upstream_hashes(
+    stage: str, dvc_yaml: Path = Path("dvc.yaml"), dvc_lock: Path = Path("dvc.lock")
+) -> dict[str, str]:
+    """`dvc.dep.<path>` = DVC's md5 of each dependency another stage produced (from dvc.lock)."""
+    if not (dvc_yaml.exists() and dvc_lock.exists()):
+        return {}
+    yaml = YAML(typ="safe")
+    deps = (yaml.load(dvc_yaml).get("stages", {}).get(stage) or {}).get("deps", [])
+    outs = {
+        out["path"]: out.get("md5", "")
+        for locked in (yaml.load(dvc_lock).get("stages") or {}).values()
+        for out in locked.get("outs", [])
+    }
+    return {f"dvc.dep.{dep}": outs[dep] for dep in deps if outs.get(dep)}
+
+
+def _git(*args: str) -> str:
+    try:
+        done = subprocess.run(["git", *args], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    return done.stdout.strip() if done.returncode == 0 else ""
