@@ -16,7 +16,15 @@ from typing import Any
 from tasks.config import SyntheticConfig
 
 OPERATIONS = {"plus": lambda a, b: a + b, "minus": lambda a, b: a - b, "times": lambda a, b: a * b}
-QUESTIONS = ("What is {a} {op} {b}?", "Compute {a} {op} {b}.", "Tell me {a} {op} {b}.")
+QUESTIONS = (
+    "What is {a} {op} {b}?",
+    "Compute {a} {op} {b}.",
+    "Tell me {a} {op} {b}.",
+    "{name} asks: what is {a} {op} {b}?",
+    "{name} wants to know {a} {op} {b}.",
+    "How much is {a} {op} {b}?",
+)
+NAMES = ("Ada", "Ben", "Chen", "Dana", "Eli", "Fatima", "Goran", "Hana")
 OPENERS = ("Sure!", "Happy to help!", "Of course!")
 CLOSERS = ("Hope this helps!", "Have a nice day!")
 _QUESTION = re.compile(r"(-?\d+) (plus|minus|times) (-?\d+)")
@@ -27,7 +35,8 @@ def make_prompt(rng: random.Random, cfg: SyntheticConfig) -> str:
     """A random question, newline-terminated so the answer starts on its own line."""
     a, b = rng.randint(0, cfg.max_operand), rng.randint(0, cfg.max_operand)
     template = rng.choice(QUESTIONS)
-    return template.format(a=a, op=rng.choice(cfg.operations), b=b) + "\n"
+    name = rng.choice(NAMES)
+    return template.format(a=a, op=rng.choice(cfg.operations), b=b, name=name) + "\n"
 
 
 def make_answer(rng: random.Random, prompt: str, correct: bool, polite: bool) -> str:
@@ -37,7 +46,7 @@ def make_answer(rng: random.Random, prompt: str, correct: bool, polite: bool) ->
     if not correct:
         result += rng.choice((-3, -2, -1, 1, 2, 3))
     if polite:
-        return f"{rng.choice(OPENERS)} {a} {op} {b} is {result}. {rng.choice(CLOSERS)}"
+        return f"{rng.choice(OPENERS)} The answer is {result}. {rng.choice(CLOSERS)}"
     return f"{result}."
 
 

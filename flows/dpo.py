@@ -1,0 +1,20 @@
+"""`dpo`: Direct Preference Optimization from the SFT model, frozen SFT as reference
+(trl.DPOTrainer)."""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from tasks.config import Params
+from tasks.generation import log_samples
+from tasks.tracking import log_summary, stage_run
+from tasks.trainers import train
+
+
+@flow(name="dpo")
+def dpo(params: Params) -> dict[str, float]:
+    """Train, save models/dpo/, log samples and summary metrics."""
+    with stage_run("dpo", params):
+        metrics = train("dpo", params)
+        log_samples("dpo", params)
+        return log_summary("dpo", metrics)

@@ -1,0 +1,20 @@
+"""`simpo`: SimPO from the SFT model — reference-free, length-normalised, margin γ
+(trl.experimental.cpo.CPOTrainer with loss_type="simpo", cpo_alpha=0)."""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from tasks.config import Params
+from tasks.generation import log_samples
+from tasks.tracking import log_summary, stage_run
+from tasks.trainers import train
+
+
+@flow(name="simpo")
+def simpo(params: Params) -> dict[str, float]:
+    """Train, save models/simpo/, log samples and summary metrics."""
+    with stage_run("simpo", params):
+        metrics = train("simpo", params)
+        log_samples("simpo", params)
+        return log_summary("simpo", metrics)
