@@ -31,9 +31,12 @@ def prepare_data(cfg: DataConfig, seed: int, out_dir: Path) -> dict[str, Any]:
     stats: dict[str, Any] = {"source": cfg.source}
     for kind, kind_rows in rows.items():
         kept, duplicates, too_long, seen = [], 0, 0, set()
+        # Repeats in real data are noise; the synthetic generator's repeats are samples of
+        # its distribution (dropping them would skew the quality mix), so they stay.
+        dedupe = cfg.source != "synthetic"
         for _, row in kind_rows:
             key = json.dumps(row, sort_keys=True)
-            if key in seen:
+            if dedupe and key in seen:
                 duplicates += 1
             elif data.text_length(row) > cfg.max_chars:
                 too_long += 1

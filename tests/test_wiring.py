@@ -29,13 +29,19 @@ DVC = _load_yaml(REPO / "dvc.yaml")
 DVC_STAGES: dict[str, dict[str, Any]] = DVC["stages"]
 STAGE_NAMES = sorted(DVC_STAGES)
 
-# Known gaps between the rule "every tasks/ module a flow imports is a dvc dep" and dvc.yaml.
-# Each entry is a reported bug; test_known_missing_deps_are_still_missing fails once it is fixed
-# (then delete the entry).
+# Known gaps between the rule "every tasks/ module a flow uses is a dvc dep" and dvc.yaml: each is
+# a reported bug (a change to it would not re-run the stage). test_known_missing_dep fails for an
+# entry once dvc.yaml lists it; then delete the entry.
+_SHARED = ("tasks/config.py", "tasks/io.py", "tasks/tracking.py")
 KNOWN_MISSING_DEPS: set[tuple[str, str]] = {
     ("prepare", "tasks/config.py"),
     ("prepare", "tasks/io.py"),
     ("prepare", "tasks/tracking.py"),
+    *(
+        (stage, path)
+        for stage in ("sft", "reward_model", "dpo", "simpo")
+        for path in (*_SHARED, "tasks/models.py")
+    ),
 }
 
 
@@ -184,14 +190,24 @@ def test_stage_deps_cover_imported_tasks_modules(name: str):
     assert not missing, f"{name}: dvc.yaml deps lack {sorted(missing)}"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG dvc.yaml: prepare's deps lack tasks/config.py, tasks/io.py, tasks/tracking.py, "
-    "which flows/prepare.py imports (when this passes, empty KNOWN_MISSING_DEPS)",
+@pytest.mark.parametrize(
+    ("name", "path"),
+    [
+        pytest.param(
+            name,
+            path,
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason=f"BUG dvc.yaml: stage {name} uses {path} but does not list it in deps",
+            ),
+        )
+        for name, path in sorted(KNOWN_MISSING_DEPS)
+        if name in DVC_STAGES
+    ],
 )
-def test_known_missing_deps_are_still_missing():
-    still = {(stage, path) for stage, path in KNOWN_MISSING_DEPS if path in _missing_deps(stage)}
-    assert not still, f"dvc.yaml deps lack {sorted(still)}"
+def test_known_missing_dep(name: str, path: str):
+    """Fails (xfail) while dvc.yaml still lacks the dep; passes, so fails strictly, once fixed."""
+    assert path not in _missing_deps(name), f"dvc.yaml: {name} deps lack {path}"
 
 
 @pytest.mark.parametrize("name", STAGE_NAMES)

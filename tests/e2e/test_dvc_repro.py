@@ -19,7 +19,8 @@ pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = REPO / ".venv" / "bin"
-# Small sizes for every stage; a key is only set when params.yaml has it (stages come and go).
+# Small sizes for every stage; a key is only set when its section is in params.yaml (stages come
+# and go). `<stage>.trainer` keys are TRL config fields, so max_steps may be added there.
 SMALL: dict[str, Any] = {
     "data.synthetic.num_sft": 200,
     "data.synthetic.num_preference": 200,
@@ -28,10 +29,11 @@ SMALL: dict[str, Any] = {
     "model.tiny.intermediate_size": 64,
     "model.tiny.num_layers": 1,
     "model.tiny.num_heads": 2,
-    "sft.trainer.num_train_epochs": 1,
-    "reward_model.trainer.num_train_epochs": 1,
-    "dpo.trainer.num_train_epochs": 1,
-    "simpo.trainer.num_train_epochs": 1,
+    **{
+        f"{stage}.trainer.{key}": value
+        for stage in ("sft", "reward_model", "dpo", "simpo")
+        for key, value in {"num_train_epochs": 1, "max_steps": 3, "logging_steps": 1}.items()
+    },
     "ppo.num_iterations": 2,
     "ppo.rollout_batch_size": 16,
     "ppo.mini_batch_size": 8,
@@ -53,8 +55,12 @@ def _paths(entries: list[Any] | None) -> list[str]:
     return [p for e in entries or [] for p in (e if isinstance(e, dict) else [e])]
 
 
-def _has_key(tree: dict[str, Any], dotted: str) -> bool:
-    for key in dotted.split("."):
+def _settable(tree: dict[str, Any], dotted: str) -> bool:
+    """`dotted` exists in `tree`, or is a new key of a `trainer:` mapping that exists."""
+    parts = dotted.split(".")
+    if len(parts) > 1 and parts[-2] == "trainer":
+        parts = parts[:-1]
+    for key in parts:
         if not isinstance(tree, dict) or key not in tree:
             return False
         tree = tree[key]
@@ -85,9 +91,14 @@ def _mtimes(repo: Path, paths: list[str]) -> dict[str, int]:
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+def project(tmp_path_factory: pytest.TempPathFactory, prefect_server: None) -> dict[str, Any]:
     """A git + DVC copy of the repository (committed and uncommitted-but-not-ignored files),
-    minus any stage output and dvc.lock, with small params and its own MLflow/Prefect stores."""
+    minus any stage output and dvc.lock, with small params and its own MLflow store.
+
+    Stages report to the session's Prefect test server: an ephemeral server per `rlhf stage`
+    process costs ~20 s of start-up each, which would dominate this test."""
+    import prefect.settings
+
     root = tmp_path_factory.mktemp("e2e")
     repo = root / "repo"
     stages = _yaml(REPO / "dvc.yaml")["stages"]
@@ -106,7 +117,7 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         shutil.copy2(source, repo / name)
 
     params = _yaml(REPO / "params.yaml")
-    write_params(repo / "params.yaml", {k: v for k, v in SMALL.items() if _has_key(params, k)})
+    write_params(repo / "params.yaml", {k: v for k, v in SMALL.items() if _settable(params, k)})
 
     env = {
         key: value
@@ -117,7 +128,8 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}",
         "PYTHONPATH": str(repo),  # the copy's flows/ and tasks/, not the editable install's
         "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}",
-        "PREFECT_HOME": str(root / "prefect"),  # its own ephemeral Prefect database
+        "PREFECT_HOME": str(root / "prefect"),
+        "PREFECT_API_URL": prefect.settings.PREFECT_API_URL.value(),
         "HF_HUB_OFFLINE": "1",
         "DVC_SITE_CACHE_DIR": str(root / "dvc-site"),
         "GIT_AUTHOR_NAME": "test",

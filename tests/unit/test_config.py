@@ -164,6 +164,14 @@ def test_every_field_has_a_description() -> None:
     assert undocumented == []
 
 
+def test_every_section_has_a_description() -> None:
+    # SPEC §4: a docstring per field, the top-level sections included.
+    undocumented = [
+        name for name, field in Params.model_fields.items() if not (field.description or "").strip()
+    ]
+    assert undocumented == []
+
+
 # ----------------------------------------------------------------------------- error lines
 
 
@@ -398,6 +406,7 @@ def test_valid_overrides_load(make_params) -> None:
                 "ppo.adaptive_kl": {"target": 6.0, "horizon": 10000},
                 "ppo.lora": lora,
                 "evaluate.policies": ["sft"],
+                "model.tiny.hidden_size": 96,
                 "model.tiny.num_heads": 8,
             }
         )
