@@ -38,7 +38,9 @@ LIBRARIES = (
     "mlflow",
     "dvc",
 )
-_SECRET = re.compile(r"token|secret|password|passwd|api_?key|credential", re.IGNORECASE)
+# Whole key words only: `hf_token` is a secret, `max_new_tokens` is not.
+_SECRET = re.compile(r"(^|_)(token|secret|password|passwd|api_?key|apikey|credentials?)$",
+                     re.IGNORECASE)
 
 
 def tracking_uri(cfg: TrackingConfig) -> str:

@@ -337,27 +337,7 @@ def _stage_sections(stage: str) -> dict[str, Any]:
     return {name: getattr(params, name).model_dump() for name in STAGE_SECTIONS[stage]}
 
 
-# BUG (tasks/tracking.py, _SECRET): `token` matches anywhere in a key, so e.g.
-# `ppo.max_new_tokens` is dropped as if it were a secret and never logged to MLflow.
-_SECRET_LOOKING = re.compile(r"token", re.IGNORECASE)
-
-
-@pytest.mark.parametrize(
-    "stage",
-    [
-        pytest.param(
-            stage,
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="BUG tasks/tracking.py _SECRET drops non-secret keys containing "
-                "`token` (max_new_tokens) from the MLflow params",
-            ),
-        )
-        if any(_SECRET_LOOKING.search(key) for key in _leaf_keys(_stage_sections(stage)))
-        else stage
-        for stage in sorted(STAGE_SECTIONS)
-    ],
-)
+@pytest.mark.parametrize("stage", sorted(STAGE_SECTIONS))
 def test_flatten_keeps_every_real_param(stage: str):
     """Every key of params.yaml a stage reads becomes an MLflow param (none is a secret)."""
     sections = _stage_sections(stage)
