@@ -19,7 +19,16 @@ import warnings
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.error import YAMLError
@@ -51,6 +60,16 @@ class ParamsError(ValueError):
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_a_number(cls, value: Any, info: ValidationInfo) -> Any:
+        # Lax pydantic reads YAML `true` as 1 (or 1.0): for a number field that is a typo.
+        annotation = cls.model_fields[info.field_name].annotation
+        types = set(typing.get_args(annotation) or [annotation])  # `int | None` → {int, None}
+        if isinstance(value, bool) and types & {int, float}:
+            raise ValueError(f"input should be a number, not a boolean, got {value!r}")
+        return value
 
 
 # ---------------------------------------------------------------- common, model
@@ -145,7 +164,8 @@ class DataConfig(Section):
     sft: DataSourceConfig
     """SFT data: prompt/completion or messages. Omitted → prompt + chosen of the preferences."""
     preference: DataSourceConfig
-    """Preference pairs: prompt/chosen/rejected, implicit-prompt or conversational."""
+    """Preference pairs: prompt/chosen/rejected, implicit-prompt or conversational. Required
+    with data.source local/hub: the reward model, DPO and SimPO train on them."""
     prompts: DataSourceConfig
     """Prompts for PPO and evaluation. Omitted → the preference prompts."""
 
@@ -163,11 +183,12 @@ class DataConfig(Section):
                     f"{kind}.name: set but data.source is '{self.source}' "
                     "(set data.source: hub, or name: null)"
                 )
+        # The reward model, DPO and SimPO train on pairs: without them prepare has nothing to give.
         key = {"local": "path", "hub": "name"}.get(self.source)
-        if key and getattr(self.sft, key) is None and getattr(self.preference, key) is None:
+        if key and getattr(self.preference, key) is None:
             raise ValueError(
-                f"preference.{key}: data.source is '{self.source}' but neither "
-                f"sft.{key} nor preference.{key} is set"
+                f"preference.{key}: not set, but data.source is '{self.source}' "
+                "(the reward model, DPO and SimPO need preference pairs)"
             )
         return self
 
@@ -365,16 +386,27 @@ class OrchestrationConfig(Section):
 
 class Params(Section):
     common: CommonConfig
+    """Seed and device shared by every stage."""
     model: ModelConfig
+    """The base model every policy starts from (tiny, hub id or local dir)."""
     data: DataConfig
+    """prepare: where the SFT, preference and prompt examples come from, and how they are split."""
     sft: SFTStageConfig
+    """sft: supervised fine-tuning of the base model (TRL SFTTrainer)."""
     reward_model: RewardModelStageConfig
+    """reward_model: the reward model trained on preference pairs (TRL RewardTrainer)."""
     ppo: PPOConfig
+    """ppo: RLHF of the SFT policy against the reward model with PPO."""
     dpo: DPOStageConfig
+    """dpo: direct preference optimisation of the SFT policy (TRL DPOTrainer)."""
     simpo: SimPOStageConfig
+    """simpo: reference-free SimPO of the SFT policy (TRL CPOTrainer, loss_type simpo)."""
     evaluate: EvaluateConfig
+    """evaluate: generation settings and policies compared on the held-out prompts."""
     tracking: TrackingConfig
+    """MLflow experiment, tracking URI and registered model name (not tracked by DVC)."""
     orchestration: OrchestrationConfig
+    """How stages run: in-process or as Prefect deployments (not tracked by DVC)."""
 
 
 # Keys the pipeline sets itself in every TRL config.
@@ -412,7 +444,7 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     except ValidationError as exc:
         # An unknown key usually is a misspelt known one: report it (with its suggestion) first.
         errors = sorted(exc.errors(), key=lambda error: error["type"] != "extra_forbidden")
-        raise ParamsError(_describe(errors[0], raw, path)) from None
+        raise ParamsError(_describe(errors, raw, path)) from None
     for stage in ("sft", "reward_model", "dpo", "simpo"):
         _check_trainer(stage, getattr(params, stage).trainer, raw, path)
     return params
@@ -430,10 +462,13 @@ def _plain(node: Any) -> Any:
     return node
 
 
-def _describe(error: dict[str, Any], raw: CommentedMap, path: Path) -> str:
-    """One line for one pydantic error: `file:line: dotted.key: what is wrong (fix)`."""
-    loc = [str(part) for part in error["loc"]]
-    msg = error["msg"].removeprefix("Value error, ")
+def _describe(errors: list[dict[str, Any]], raw: CommentedMap, path: Path) -> str:
+    """One line for the first pydantic error: `file:line: dotted.key: what is wrong (fix)`."""
+    error, loc = errors[0], _keys(errors[0]["loc"], raw)
+    # A union fails once per member at the same key: join them, so every valid option shows.
+    messages = [e["msg"] for e in errors if _keys(e["loc"], raw) == loc]
+    msg = " or ".join([messages[0], *(m.removeprefix("Input should be ") for m in messages[1:])])
+    msg = msg.removeprefix("Value error, ")
     if match := re.match(r"^([\w.]+): (.*)$", msg):  # cross-field checks name their own key
         loc, msg = loc + match[1].split("."), match[2]
     if error["type"] == "extra_forbidden":
@@ -446,6 +481,24 @@ def _describe(error: dict[str, Any], raw: CommentedMap, path: Path) -> str:
     elif "input" in error and error["type"] != "value_error":
         msg = f"{msg[0].lower()}{msg[1:]}, got {error['input']!r}"
     return f"{path}:{_line_of(raw, loc)}: {'.'.join(loc)}: {msg}"
+
+
+def _keys(loc: tuple[str | int, ...], raw: CommentedMap) -> list[str]:
+    """`loc` without the union-member tags pydantic adds (`list[str]`, `literal['all-linear']`,
+    `function-after[...]`): only keys of the YAML or of the model, which the user can find."""
+    keys: list[str] = []
+    node: Any = raw
+    model: type[BaseModel] | None = Params
+    for part in loc:
+        in_yaml = isinstance(node, dict) and part in node
+        in_model = model is not None and part in model.model_fields
+        if isinstance(part, str) and not in_yaml and not in_model:
+            continue  # a union-member tag
+        keys.append(str(part))
+        model = _submodel(model, str(part))
+        in_list = isinstance(node, list) and isinstance(part, int) and part < len(node)
+        node = node[part] if in_yaml or in_list else None
+    return keys
 
 
 def _submodel(model: type[BaseModel] | None, field: str) -> type[BaseModel] | None:

@@ -13,13 +13,14 @@ Formats accepted (converted with TRL's data utilities):
 
 from __future__ import annotations
 
+import codecs
+import csv
 import hashlib
+import io
 import json
 import re
 from pathlib import Path
 from typing import Any
-
-from trl.data_utils import is_conversational, maybe_convert_to_chatml, maybe_extract_prompt
 
 from tasks.config import DataSourceConfig
 
@@ -31,6 +32,9 @@ FIELDS = {
 SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 Row = tuple[str, dict[str, Any]]  # (where it came from, the example)
 _HH_TURN = re.compile(r"\n\n(Human|Assistant): ")
+# Fields that may hold message lists (before conversion: ShareGPT's `conversations` too).
+MESSAGE_FIELDS = ("prompt", "completion", "chosen", "rejected", "messages", "conversations")
+SHAREGPT_ROLES = {"human": "user", "gpt": "assistant"}  # published ShareGPT's speaker names
 
 
 class DataError(ValueError):
@@ -50,7 +54,10 @@ def read_local(path: Path) -> list[Row]:
             raise DataError(f"{file}: unsupported file type (use one of {', '.join(SUFFIXES)})")
         if file.stat().st_size == 0:
             raise DataError(f"{file}:1: empty file (no examples)")
-        file_rows = _read_json(file) if file.suffix in (".jsonl", ".json") else _read_table(file)
+        if file.suffix in (".jsonl", ".json"):
+            file_rows = _read_json(file)
+        else:
+            file_rows = _read_csv(file) if file.suffix == ".csv" else _read_parquet(file)
         if not file_rows:
             raise DataError(f"{file}:1: empty file (no examples)")
         rows += file_rows
@@ -96,24 +103,37 @@ def _read_json(file: Path) -> list[Row]:
     return rows
 
 
-def _read_table(file: Path) -> list[Row]:
+def _read_csv(file: Path) -> list[Row]:
+    """Every cell stays text (pandas would turn `4` into an int and empty cells into NaN), and
+    each row is named by the line it starts on (a quoted cell may span lines)."""
+    reader = csv.reader(io.StringIO(_decode(file), newline=""))
+    header = next((cells for cells in reader if cells), None)  # skip leading blank lines
+    rows, start = [], reader.line_num + 1
+    for cells in reader:
+        if cells:  # a blank line is no example
+            if len(cells) != len(header):
+                raise DataError(
+                    f"{file}:{start}: {len(cells)} cells but the header has {len(header)} "
+                    "(quote cells that contain commas)"
+                )
+            rows.append((f"{file}:{start}", dict(zip(header, cells, strict=True))))
+        start = reader.line_num + 1
+    return rows
+
+
+def _read_parquet(file: Path) -> list[Row]:
     import datasets
 
-    if file.suffix == ".csv":
-        _decode(file)  # report undecodable bytes with their line before pandas does
     try:
-        dataset = datasets.load_dataset(file.suffix[1:], data_files=str(file), split="train")
+        dataset = datasets.load_dataset("parquet", data_files=str(file), split="train")
     except Exception as exc:
-        raise DataError(
-            f"{file}: cannot read it as {file.suffix[1:]}: {str(exc).splitlines()[0]}"
-        ) from None
-    first_line = 2 if file.suffix == ".csv" else 0  # CSV: line 1 is the header
-    where = (lambda i: f"{file}:{i + first_line}") if first_line else (lambda i: f"{file}: row {i}")
-    return [(where(i), row) for i, row in enumerate(dataset)]
+        raise DataError(f"{file}: cannot read it as parquet: {str(exc).splitlines()[0]}") from None
+    return [(f"{file}: row {i}", row) for i, row in enumerate(dataset)]
 
 
 def _decode(file: Path) -> str:
-    data = file.read_bytes()
+    # Windows editors start UTF-8 files with a BOM; drop it before decoding so line counts hold.
+    data = file.read_bytes().removeprefix(codecs.BOM_UTF8)
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -133,6 +153,9 @@ def _as_object(where: str, example: Any) -> dict[str, Any]:
 
 def to_trl(kind: str, rows: list[Row], columns: dict[str, str]) -> list[Row]:
     """Rename columns, convert to TRL's explicit-prompt format for `kind` and validate each row."""
+    # Imported here: trl pulls in torch and transformers, seconds that reading data does not need.
+    from trl.data_utils import maybe_convert_to_chatml, maybe_extract_prompt
+
     converted = []
     for where, row in rows:
         missing = [source for source in columns.values() if source not in row]
@@ -140,10 +163,17 @@ def to_trl(kind: str, rows: list[Row], columns: dict[str, str]) -> list[Row]:
             raise DataError(
                 f"{where}: missing column '{missing[0]}' (named in data.{kind}.columns)"
             )
-        row = {name: row[source] for name, source in columns.items()} | {
-            key: value for key, value in row.items() if key not in columns.values()
+        # A mapped column wins over a column that already has the target name.
+        row = {key: value for key, value in row.items() if key not in columns.values()} | {
+            name: row[source] for name, source in columns.items()
         }
-        row = maybe_convert_to_chatml(row)
+        _no_empty_lists(where, row)
+        sharegpt = "conversations" in row
+        row = maybe_convert_to_chatml(row)  # from/value → role/content, but keeps the role names
+        if sharegpt and isinstance(row["messages"], list):
+            for message in row["messages"]:
+                if isinstance(message, dict) and message.get("role") in ("human", "gpt"):
+                    message["role"] = SHAREGPT_ROLES[message["role"]]
         if kind == "preference":
             row = maybe_extract_prompt(_hh_to_messages(row))
         elif kind == "sft" and "messages" in row and "completion" not in row:
@@ -161,6 +191,13 @@ def to_trl(kind: str, rows: list[Row], columns: dict[str, str]) -> list[Row]:
             "(convert all rows to one format)"
         )
     return converted
+
+
+def _no_empty_lists(where: str, row: dict[str, Any]) -> None:
+    """TRL's converters index the first message of a list: an empty one would crash them."""
+    for field in MESSAGE_FIELDS:
+        if row.get(field) == []:
+            raise DataError(f"{where}: field '{field}': no messages (fix or remove this example)")
 
 
 def _hh_to_messages(row: dict[str, Any]) -> dict[str, Any]:
@@ -223,7 +260,18 @@ def _validated(kind: str, where: str, row: dict[str, Any]) -> dict[str, Any]:
             )
         if not text.strip():
             raise DataError(f"{where}: field '{field}': empty text (fix or remove this example)")
+    if kind == "preference" and row["chosen"] == row["rejected"]:
+        raise DataError(
+            f"{where}: chosen and rejected are identical (a pair needs two different answers)"
+        )
     return {field: row[field] for field in fields}
+
+
+def is_conversational(row: dict[str, Any]) -> bool:
+    """TRL's test: does the row hold message lists rather than plain text?"""
+    from trl.data_utils import is_conversational  # lazily, as in to_trl
+
+    return is_conversational(row)
 
 
 def text_length(row: dict[str, Any]) -> int:

@@ -45,8 +45,7 @@ def delete() -> object:
 @pytest.fixture
 def make_params(tmp_path: Path) -> Callable[..., Path]:
     """make_params({'data.eval_fraction': 0.2}) → path of a params file in tmp_path."""
-    return lambda overrides=None, name="params.yaml": write_params(tmp_path / name,
-                                                                   overrides or {})
+    return lambda overrides=None, name="params.yaml": write_params(tmp_path / name, overrides or {})
 
 
 @pytest.fixture

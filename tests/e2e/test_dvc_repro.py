@@ -14,6 +14,7 @@ import pytest
 from ruamel.yaml import YAML
 
 from tests.conftest import write_params
+from tests.sizes import SMALL
 
 pytestmark = pytest.mark.slow
 
@@ -21,14 +22,8 @@ REPO = Path(__file__).resolve().parents[2]
 BIN = REPO / ".venv" / "bin"
 # Small sizes for every stage; a key is only set when its section is in params.yaml (stages come
 # and go). `<stage>.trainer` keys are TRL config fields, so max_steps may be added there.
-SMALL: dict[str, Any] = {
-    "data.synthetic.num_sft": 200,
-    "data.synthetic.num_preference": 200,
-    "data.synthetic.num_prompts": 100,
-    "model.tiny.hidden_size": 32,
-    "model.tiny.intermediate_size": 64,
-    "model.tiny.num_layers": 1,
-    "model.tiny.num_heads": 2,
+E2E: dict[str, Any] = {
+    **SMALL,
     **{
         f"{stage}.trainer.{key}": value
         for stage in ("sft", "reward_model", "dpo", "simpo")
@@ -117,7 +112,7 @@ def project(tmp_path_factory: pytest.TempPathFactory, prefect_server: None) -> d
         shutil.copy2(source, repo / name)
 
     params = _yaml(REPO / "params.yaml")
-    write_params(repo / "params.yaml", {k: v for k, v in SMALL.items() if _settable(params, k)})
+    write_params(repo / "params.yaml", {k: v for k, v in E2E.items() if _settable(params, k)})
 
     env = {
         key: value

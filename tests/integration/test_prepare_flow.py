@@ -16,21 +16,13 @@ import pytest
 
 from tasks.config import STAGE_SECTIONS, load_params
 from tasks.tracking import flatten
+from tests.sizes import SMALL
 
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
 KINDS = ("sft", "preference", "prompts")
 SPLITS = ("train", "eval")
-SMALL = {
-    "data.synthetic.num_sft": 200,
-    "data.synthetic.num_preference": 200,
-    "data.synthetic.num_prompts": 100,
-    "model.tiny.hidden_size": 32,
-    "model.tiny.intermediate_size": 64,
-    "model.tiny.num_layers": 1,
-    "model.tiny.num_heads": 2,
-}
 BAD_LINE = '{"prompt": "What is 1 plus 1?\\n", "chosen": "2.", "rejected": "3."}\n{"prompt": oops\n'
 
 

@@ -295,14 +295,14 @@ ERRORS = [
     (
         {"data.source": "local"},
         "data.preference.path",
-        "data.preference.path: data.source is 'local' but neither sft.path nor preference.path "
-        "is set",
+        "data.preference.path: not set, but data.source is 'local' "
+        "(the reward model, DPO and SimPO need preference pairs)",
     ),
     (
         {"data.source": "hub"},
         "data.preference.name",
-        "data.preference.name: data.source is 'hub' but neither sft.name nor preference.name "
-        "is set",
+        "data.preference.name: not set, but data.source is 'hub' "
+        "(the reward model, DPO and SimPO need preference pairs)",
     ),
     # trainer sections: checked against the TRL config dataclass
     (
