@@ -39,8 +39,9 @@ LIBRARIES = (
     "dvc",
 )
 # Whole key words only: `hf_token` is a secret, `max_new_tokens` is not.
-_SECRET = re.compile(r"(^|_)(token|secret|password|passwd|api_?key|apikey|credentials?)$",
-                     re.IGNORECASE)
+_SECRET = re.compile(
+    r"(^|_)(token|secret|password|passwd|api_?key|apikey|credentials?)$", re.IGNORECASE
+)
 
 
 def tracking_uri(cfg: TrackingConfig) -> str:

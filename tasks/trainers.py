@@ -98,11 +98,9 @@ def train(stage: str, params: Params) -> dict[str, float]:
     evaluation = trainer.evaluate()
     runtime = result.metrics["train_runtime"]
     tokens = max((entry.get("num_tokens", 0) for entry in trainer.state.log_history), default=0)
-    metrics = {
-        "train_loss": result.training_loss,
-        "train_runtime_s": runtime,
-        "train_tokens_per_second": tokens / runtime if runtime else 0.0,
-    }
+    metrics = {"train_loss": result.training_loss, "train_runtime_s": runtime}
+    if tokens and runtime:  # trainers that count tokens (SFT, DPO, reward) give throughput
+        metrics["train_tokens_per_second"] = tokens / runtime
     metrics |= {name: evaluation[key] for name, key in SUMMARY[stage].items()}
     if stage == "sft":
         metrics["eval_perplexity"] = math.exp(min(evaluation["eval_loss"], 50.0))
