@@ -154,7 +154,7 @@ def _as_object(where: str, example: Any) -> dict[str, Any]:
 def to_trl(kind: str, rows: list[Row], columns: dict[str, str]) -> list[Row]:
     """Rename columns, convert to TRL's explicit-prompt format for `kind` and validate each row."""
     # Imported here: trl pulls in torch and transformers, seconds that reading data does not need.
-    from trl.data_utils import maybe_convert_to_chatml, maybe_extract_prompt
+    from trl.data_utils import is_conversational, maybe_convert_to_chatml, maybe_extract_prompt
 
     converted = []
     for where, row in rows:
@@ -265,13 +265,6 @@ def _validated(kind: str, where: str, row: dict[str, Any]) -> dict[str, Any]:
             f"{where}: chosen and rejected are identical (a pair needs two different answers)"
         )
     return {field: row[field] for field in fields}
-
-
-def is_conversational(row: dict[str, Any]) -> bool:
-    """TRL's test: does the row hold message lists rather than plain text?"""
-    from trl.data_utils import is_conversational  # lazily, as in to_trl
-
-    return is_conversational(row)
 
 
 def text_length(row: dict[str, Any]) -> int:

@@ -104,7 +104,10 @@ def write_base_pointer(cfg: ModelConfig, out_dir: Path) -> dict[str, Any]:
 
 def base_model(models_dir: Path = MODELS_DIR) -> tuple[str, str | None]:
     """(name or path, revision) of the base model recorded by `prepare`."""
-    pointer = json.loads((models_dir / "base" / "base.json").read_text())
+    path = models_dir / "base" / "base.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing (run `dvc repro prepare` first)")
+    pointer = json.loads(path.read_text())
     return pointer["name_or_path"], pointer["revision"]
 
 

@@ -20,6 +20,8 @@ log = logging.getLogger(__name__)
 @task(cache_policy=NO_CACHE)
 def prepare_data(cfg: DataConfig, seed: int, out_dir: Path) -> dict[str, Any]:
     """Write `<out_dir>/{sft,preference,prompts}/{train,eval}.jsonl` and `stats.json`."""
+    from trl.data_utils import is_conversational
+
     rows = _load(cfg, seed)
     if not rows["sft"]:  # only preferences given: SFT on prompt + chosen
         rows["sft"] = [
@@ -65,7 +67,7 @@ def prepare_data(cfg: DataConfig, seed: int, out_dir: Path) -> dict[str, Any]:
             "eval": len(splits["eval"]),
             "duplicates_dropped": duplicates,
             "too_long_dropped": too_long,
-            "conversational": data.is_conversational(kept[0]),
+            "conversational": is_conversational(kept[0]),
         }
         log.info(
             "%s: %d train / %d eval examples (%d duplicates, %d too long dropped)",

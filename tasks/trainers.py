@@ -118,9 +118,12 @@ def _load_start(stage: str, params: Params, model_dtype: torch.dtype) -> tuple[A
     """The model a stage starts from: the base model for sft, the SFT model for the others."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-    name, revision = base_model() if stage == "sft" else (str(MODELS_DIR / "sft"), None)
-    if not Path(name).exists() and name.startswith(str(MODELS_DIR)):
-        raise FileNotFoundError(f"{name}: missing (run the upstream stage: dvc repro {stage})")
+    if stage == "sft":
+        name, revision = base_model()
+    else:
+        name, revision = str(MODELS_DIR / "sft"), None
+        if not Path(name, "config.json").is_file():
+            raise FileNotFoundError(f"{name}: no SFT model (run `dvc repro sft` first)")
     kwargs = {"revision": revision, "trust_remote_code": params.model.trust_remote_code}
     tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
     if tokenizer.pad_token is None:  # many chat models have none; padding is masked anyway
