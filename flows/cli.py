@@ -11,12 +11,14 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from tasks.config import STAGES, load_params
+from tasks.config import MODELS_DIR, POLICIES, STAGES, load_params
 
 EXAMPLES = """examples:
   rlhf stage prepare                      run one stage in-process (as `dvc repro` does)
   rlhf stage sft --params my-params.yaml  the same with another params file
   dvc repro                               run every stage whose inputs changed
+  rlhf generate --model models/ppo "What is 3 plus 4?"
+  rlhf generate --compare "What is 3 plus 4?"   every trained policy, side by side
 """
 
 
@@ -47,6 +49,26 @@ def main(argv: list[str] | None = None) -> int:
         help="params file (default: params.yaml)",
     )
     stage.set_defaults(run=run_stage)
+
+    generate = commands.add_parser(
+        "generate",
+        help="answer prompts with a trained policy (or --compare all of them)",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Generate with the KV cache, greedy unless --sample. Plain prompts get a "
+        "trailing newline, as the synthetic task's prompts have; --chat renders each prompt as a "
+        "user message through the tokenizer's chat template.",
+    )
+    generate.add_argument("prompt", nargs="+", help="one or more prompts")
+    source = generate.add_mutually_exclusive_group()
+    source.add_argument("--model", type=Path, default=MODELS_DIR / "ppo", help="model directory")
+    source.add_argument("--compare", action="store_true", help="every policy in models/")
+    generate.add_argument("--chat", action="store_true", help="apply the chat template")
+    generate.add_argument("--max-new-tokens", type=int, default=48)
+    generate.add_argument("--sample", action="store_true", help="sample instead of greedy")
+    generate.add_argument("--temperature", type=float, default=1.0)
+    generate.add_argument("--params", type=Path, default=Path("params.yaml"), help="for device")
+    generate.set_defaults(run=run_generate)
 
     args = parser.parse_args(argv)
     if not args.debug:
@@ -82,9 +104,40 @@ def run_stage(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_generate(args: argparse.Namespace) -> int:
+    from tasks.generation import generate_texts, load_policy, render_prompts
+
+    params = load_params(args.params)
+    models = [MODELS_DIR / name for name in POLICIES] if args.compare else [args.model]
+    models = [path for path in models if not args.compare or (path / "config.json").is_file()]
+    if not models:
+        raise FileNotFoundError(f"{MODELS_DIR}: no trained policy yet (run `dvc repro`)")
+    if args.chat:
+        prompts = [[{"role": "user", "content": text}] for text in args.prompt]
+    else:
+        prompts = [text if text.endswith("\n") else text + "\n" for text in args.prompt]
+    answers = {}
+    for path in models:
+        model, tokenizer = load_policy(path, params)
+        answers[path.name] = generate_texts(
+            model,
+            tokenizer,
+            render_prompts(prompts, tokenizer),
+            max_new_tokens=args.max_new_tokens,
+            do_sample=args.sample,
+            temperature=args.temperature,
+        )
+    width = max(len(name) for name in answers)
+    for index, text in enumerate(args.prompt):
+        print(text.strip())
+        for name, responses in answers.items():
+            print(f"  {name:<{width}}  {responses[index].strip()}")
+    return 0
+
+
 def _one_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    if isinstance(exc, (ValueError, OSError)) and text:
+    if isinstance(exc, (ValueError, OSError, FloatingPointError)) and text:
         return text  # our errors are already phrased for the user
     return f"{type(exc).__name__}: {text} (run `rlhf --debug ...` for the traceback)"
 

@@ -52,6 +52,7 @@ MODELS_DIR = Path("models")
 METRICS_DIR = Path("metrics")
 CHECKPOINTS_DIR = Path("checkpoints")
 REPORTS_DIR = Path("reports")
+PLOTS_DIR = Path("plots")
 
 
 class ParamsError(ValueError):

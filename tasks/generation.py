@@ -13,6 +13,7 @@ from prefect.cache_policies import NO_CACHE
 
 from tasks.config import MODELS_DIR, PREPARED_DIR, Params
 from tasks.models import device, dtype
+from tasks.tracking import is_main_process
 
 
 def load_policy(path: str | Path, params: Params) -> tuple[Any, Any]:
@@ -88,6 +89,8 @@ def eval_prompts(limit: int | None = None) -> list[Any]:
 @task(cache_policy=NO_CACHE)
 def log_samples(stage: str, params: Params, count: int = 8, max_new_tokens: int = 48) -> None:
     """Greedy responses of `models/<stage>` to a few eval prompts, as an MLflow table."""
+    if not is_main_process():
+        return
     model, tokenizer = load_policy(MODELS_DIR / stage, params)
     prompts = render_prompts(eval_prompts(count), tokenizer)
     responses = generate_texts(model, tokenizer, prompts, max_new_tokens=max_new_tokens)

@@ -49,9 +49,18 @@ def tracking_uri(cfg: TrackingConfig) -> str:
     return cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
 
 
+def is_main_process() -> bool:
+    """False in the extra processes of `accelerate launch` (RANK > 0): only rank 0 tracks and
+    writes outputs, the others train."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 @contextlib.contextmanager
-def stage_run(stage: str, params: Params) -> Iterator[mlflow.ActiveRun]:
+def stage_run(stage: str, params: Params) -> Iterator[mlflow.ActiveRun | None]:
     """Open the stage's MLflow run (tags, flattened params) for the duration of the block."""
+    if not is_main_process():
+        yield None
+        return
     mlflow.set_tracking_uri(tracking_uri(params.tracking))
     mlflow.set_experiment(params.tracking.experiment)
     with mlflow.start_run(run_name=stage, tags=run_tags(stage, params)) as run:
@@ -63,11 +72,17 @@ def stage_run(stage: str, params: Params) -> Iterator[mlflow.ActiveRun]:
             stage,
             params.tracking.experiment,
         )
-        yield run
+        try:
+            yield run
+        except KeyboardInterrupt:  # MLflow would record FAILED; a user's Ctrl-C is KILLED
+            mlflow.end_run("KILLED")
+            raise
 
 
 def log_summary(stage: str, metrics: dict[str, float]) -> dict[str, float]:
     """Log the stage's summary metrics to the active run and write `metrics/<stage>.json`."""
+    if not is_main_process():
+        return metrics
     mlflow.log_metrics(metrics)
     write_json(METRICS_DIR / f"{stage}.json", metrics)
     return metrics

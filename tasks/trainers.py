@@ -10,7 +10,6 @@ the final model is written atomically to `models/<stage>/` in safetensors.
 from __future__ import annotations
 
 import importlib
-import json
 import logging
 import math
 import shutil
@@ -25,12 +24,13 @@ from prefect.cache_policies import NO_CACHE
 from tasks.config import (
     CHECKPOINTS_DIR,
     MODELS_DIR,
+    PLOTS_DIR,
     PREPARED_DIR,
     LoraConfig,
     Params,
     trl_config_class,
 )
-from tasks.io import atomic_dir, write_json
+from tasks.io import atomic_dir, resumable_dir, write_json
 from tasks.models import base_model, device, dtype
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,6 @@ SUMMARY["simpo"] = SUMMARY["dpo"]
 def train(stage: str, params: Params) -> dict[str, float]:
     """Train `stage` with its TRL trainer; write `models/<stage>/`; return summary metrics."""
     from transformers import set_seed
-    from transformers.trainer_utils import get_last_checkpoint
 
     section = getattr(params, stage)
     set_seed(params.common.seed)
@@ -79,7 +78,8 @@ def train(stage: str, params: Params) -> dict[str, float]:
         bf16=model_dtype == torch.bfloat16,
         fp16=model_dtype == torch.float16,
     )
-    _keep_only_matching_checkpoints(checkpoints, params, stage)
+    start = MODELS_DIR / ("base" if stage == "sft" else "sft")
+    resumable_dir(checkpoints, params, stage, [PREPARED_DIR / DATASET[stage], start])
     data = _load_dataset(DATASET[stage])
     module, name = TRAINERS[stage].split(":")
     trainer = getattr(importlib.import_module(module), name)(
@@ -91,7 +91,7 @@ def train(stage: str, params: Params) -> dict[str, float]:
         peft_config=_peft_config(section.lora, stage),
     )
     mlflow.log_dict(args.to_dict(), f"{stage}_trl_config.json")
-    resume = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
+    resume = _last_complete_checkpoint(checkpoints)
     if resume:
         log.info("%s: resuming from %s", stage, resume)
     result = trainer.train(resume_from_checkpoint=resume)
@@ -110,8 +110,26 @@ def train(stage: str, params: Params) -> dict[str, float]:
         tokenizer.save_pretrained(out)
         if stage == "reward_model":
             metrics |= _score_stats(final, tokenizer, data["eval"], out)
+    write_json(PLOTS_DIR / f"{stage}.json", _curve(trainer.state.log_history))
     shutil.rmtree(checkpoints, ignore_errors=True)  # finished: nothing left to resume
     return metrics
+
+
+def _last_complete_checkpoint(checkpoints: Path) -> str | None:
+    """The newest `checkpoint-<step>` the Trainer finished writing: a kill in the middle of a
+    save leaves one without trainer_state.json, which cannot be resumed from."""
+    done = [d for d in checkpoints.glob("checkpoint-*") if (d / "trainer_state.json").is_file()]
+    return str(max(done, key=lambda d: int(d.name.rsplit("-", 1)[1]))) if done else None
+
+
+def _curve(log_history: list[dict[str, Any]]) -> list[dict[str, float]]:
+    """The trainer's per-step training logs (loss, learning rate, DPO/SimPO reward margins and
+    accuracies, ...) for `dvc plots show`; evaluation and summary entries are left out."""
+    return [
+        {key: value for key, value in entry.items() if isinstance(value, (int, float))}
+        for entry in log_history
+        if "loss" in entry and "train_runtime" not in entry
+    ]
 
 
 def _load_start(stage: str, params: Params, model_dtype: torch.dtype) -> tuple[Any, Any]:
@@ -160,20 +178,6 @@ def _peft_config(lora: LoraConfig | None, stage: str) -> Any:
         target_modules=lora.target_modules,
         task_type="SEQ_CLS" if stage == "reward_model" else "CAUSAL_LM",
     )
-
-
-def _keep_only_matching_checkpoints(checkpoints: Path, params: Params, stage: str) -> None:
-    """Resume only a run of the same params: a checkpoint of other settings is deleted."""
-    fingerprint = json.dumps(
-        {name: getattr(params, name).model_dump() for name in ("common", "model", stage)},
-        sort_keys=True,
-    )
-    marker = checkpoints / "params.json"
-    if checkpoints.is_dir() and (not marker.is_file() or marker.read_text() != fingerprint):
-        log.info("%s: discarding checkpoints of different params in %s", stage, checkpoints)
-        shutil.rmtree(checkpoints)
-    checkpoints.mkdir(parents=True, exist_ok=True)
-    marker.write_text(fingerprint)
 
 
 @torch.no_grad()

@@ -253,3 +253,16 @@ def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Te
     """
     log_probs = torch.log_softmax(_as_float(logits), dim=-1)
     return log_probs.gather(dim=-1, index=labels.unsqueeze(-1)).squeeze(-1)
+
+
+def adaptive_kl_coef(
+    kl_coef: float, kl: float, target: float, horizon: int, num_episodes: int
+) -> float:
+    """Ziegler et al.'s (2019) proportional controller of the KL coefficient: scalars -> float.
+
+    ``e = clip(kl / target - 1, -0.2, 0.2)``, ``kl_coef' = kl_coef * (1 + e * n / horizon)``
+    where ``kl`` is the rollout's mean per-sequence KL and ``n`` its number of episodes:
+    the coefficient grows while the policy drifts further than ``target`` and shrinks below it.
+    """
+    error = min(max(kl / target - 1.0, -0.2), 0.2)
+    return kl_coef * (1.0 + error * num_episodes / horizon)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -253,3 +254,66 @@ def test_repro_runs_every_stage_then_nothing_then_what_changed(project: dict[str
     status = dvc_json(project, "status")
     assert "prepare" not in status
     assert set(status) <= set(stages) - {"prepare"}
+
+
+def _downstream(project: dict[str, Any], name: str) -> set[str]:
+    """`name` and every stage that depends, directly or not, on its outputs."""
+    found = {name}
+    grew = True
+    while grew:
+        grew = False
+        made = [out for stage in found for out in outputs(project, stage)]
+        for other, stage in project["stages"].items():
+            deps = _paths(stage.get("deps"))
+            if other not in found and any(
+                dep == out or dep.startswith(f"{out}/") or out.startswith(f"{dep}/")
+                for dep in deps
+                for out in made
+            ):
+                found.add(other)
+                grew = True
+    return found
+
+
+def test_a_dpo_param_change_reruns_only_dpo(project: dict[str, Any]):
+    repo, stages = project["repo"], project["stages"]
+
+    # every stage up to date with the committed small params; after the test above (which left
+    # a prepare experiment in the workspace) DVC's run cache restores the outputs, no training
+    _git(repo, "checkout", "--", "params.yaml")
+    dvc(project, "repro")
+    assert dvc_json(project, "status") == {}
+
+    rerun = _downstream(project, "dpo")
+    kept = sorted(set(stages) - rerun)
+    assert {"prepare", "sft", "reward_model", "simpo"} <= set(kept)
+    kept_outputs = [path for name in kept for path in outputs(project, name)]
+    lock_before = _yaml(repo / "dvc.lock")["stages"]
+    mtimes_before = _mtimes(repo, kept_outputs)
+    dpo_metrics_before = json.loads((repo / "metrics" / "dpo.json").read_text())
+    runs_before = len(mlflow_runs(project))
+
+    yaml = YAML()
+    tree = yaml.load(repo / "params.yaml")
+    beta = tree["dpo"]["trainer"]["beta"] * 2
+    tree["dpo"]["trainer"]["beta"] = beta
+    with (repo / "params.yaml").open("w") as out:
+        yaml.dump(tree, out)
+    assert set(dvc_json(project, "status")) == {"dpo"}
+
+    output = dvc(project, "repro")
+    assert set(re.findall(r"Running stage '([^']+)'", output)) == rerun, output
+    for name in kept:
+        assert f"Stage '{name}' didn't change, skipping" in output, output
+    assert _mtimes(repo, kept_outputs) == mtimes_before
+    lock = _yaml(repo / "dvc.lock")["stages"]
+    assert {name: lock[name] for name in kept} == {name: lock_before[name] for name in kept}
+    assert lock["dpo"]["params"]["params.yaml"]["dpo"]["trainer"]["beta"] == beta
+    assert json.loads((repo / "metrics" / "dpo.json").read_text()) != dpo_metrics_before
+    assert dvc_json(project, "status") == {}
+
+    new_runs = mlflow_runs(project)[runs_before:]
+    assert sorted(r.info.run_name for r in new_runs) == sorted(rerun)
+    assert {r.info.status for r in new_runs} == {"FINISHED"}
+    (dpo_run,) = [r for r in new_runs if r.info.run_name == "dpo"]
+    assert float(dpo_run.data.params["dpo.trainer.beta"]) == beta

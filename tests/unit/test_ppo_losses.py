@@ -9,6 +9,7 @@ import torch
 from torch.testing import assert_close
 
 from tasks.ppo.losses import (
+    adaptive_kl_coef,
     compute_gae,
     entropy_from_logits,
     explained_variance,
@@ -486,3 +487,37 @@ def test_masked_whiten_gradient_finite_with_inf_in_masked_slots() -> None:
     assert x.grad is not None
     assert torch.isfinite(x.grad).all()
     assert x.grad[1, 1].item() == 0.0
+
+
+# ----------------------------------------------------------------------------- adaptive KL
+
+
+@pytest.mark.parametrize(
+    ("kl", "error"),
+    [
+        (6.0, 0.0),  # on target: unchanged
+        (6.6, 0.1),  # kl / target - 1 = 0.1, inside the band
+        (5.4, -0.1),
+        (9.0, 0.2),  # 0.5 clipped to 0.2
+        (100.0, 0.2),
+        (3.0, -0.2),  # -0.5 clipped to -0.2
+        (0.0, -0.2),
+    ],
+)
+def test_adaptive_kl_coef_hand(kl: float, error: float) -> None:
+    # Ziegler et al.: kl_coef * (1 + clip(kl / target - 1, -0.2, 0.2) * n / horizon)
+    got = adaptive_kl_coef(0.1, kl, target=6.0, horizon=10_000, num_episodes=64)
+    assert got == pytest.approx(0.1 * (1.0 + error * 64 / 10_000), rel=1e-12)
+
+
+def test_adaptive_kl_coef_direction_and_fixed_points() -> None:
+    kwargs = {"target": 6.0, "horizon": 100, "num_episodes": 10}
+    assert adaptive_kl_coef(0.1, 8.0, **kwargs) > 0.1  # too far from the reference: grow
+    assert adaptive_kl_coef(0.1, 4.0, **kwargs) < 0.1  # closer than the target: shrink
+    assert adaptive_kl_coef(0.0, 50.0, **kwargs) == 0.0  # a zero coefficient stays zero
+    # repeated updates compound multiplicatively and never change sign
+    coef = 0.1
+    for _ in range(50):
+        coef = adaptive_kl_coef(coef, 0.0, **kwargs)
+    assert coef == pytest.approx(0.1 * (1 - 0.2 * 10 / 100) ** 50)
+    assert coef > 0

@@ -1,0 +1,19 @@
+"""`ppo`: RLHF of the SFT policy against the reward model with our PPO (tasks/ppo/)."""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from tasks.config import Params
+from tasks.generation import log_samples
+from tasks.ppo.train import train_ppo
+from tasks.tracking import log_summary, stage_run
+
+
+@flow(name="ppo")
+def ppo(params: Params) -> dict[str, float]:
+    """Rollout and update tasks per iteration, save models/ppo/, log samples and the summary."""
+    with stage_run("ppo", params):
+        metrics = train_ppo(params)
+        log_samples("ppo", params)
+        return log_summary("ppo", metrics)

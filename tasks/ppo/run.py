@@ -1,0 +1,207 @@
+"""A PPO run's state: the four models, their optimizers and schedules, the data, the KL
+coefficient — loaded from models/sft and models/reward_model, or resumed from checkpoints/ppo/.
+
+Actor (policy) = models/sft, trained; reference = models/sft, frozen; reward = models/reward_model,
+frozen; critic = initialised from the reward model, trained. Frozen models are in eval mode with
+no gradients and never reach an optimizer.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tasks.config import CHECKPOINTS_DIR, MODELS_DIR, PREPARED_DIR, LoraConfig, Params
+from tasks.generation import render_prompts
+from tasks.io import resumable_dir
+from tasks.models import device, dtype
+from tasks.ppo.checkpoint import has_checkpoint, load_checkpoint
+from tasks.ppo.rollout import TokenScorer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PPORun:
+    """What a run carries from one iteration to the next."""
+
+    params: Params
+    accelerator: Any
+    tokenizer: Any
+    actor: Any  # causal LM, trained (accelerate-prepared)
+    critic: TokenScorer  # trained (accelerate-prepared)
+    reference: Any  # causal LM, frozen
+    reward: TokenScorer  # frozen
+    actor_optimizer: Any
+    critic_optimizer: Any
+    actor_scheduler: Any
+    critic_scheduler: Any
+    prompts: list[str]
+    ptx_examples: list[tuple[str, str]]  # (prompt, completion) for PPO-ptx
+    score_stats: tuple[float, float] | None
+    kl_coef: float
+    iteration: int = 0  # the next iteration to run
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    @property
+    def checkpoints(self) -> Path:
+        return CHECKPOINTS_DIR / "ppo"
+
+
+def setup(params: Params) -> PPORun:
+    """Load the four models and the data; resume from `checkpoints/ppo/` when it matches."""
+    from accelerate import Accelerator
+    from transformers import get_scheduler, set_seed
+
+    cfg = params.ppo
+    set_seed(params.common.seed)
+    dev = device(params.common.device)
+    frozen_dtype = dtype(params.model.dtype, dev)
+    precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(frozen_dtype, "no")
+    accelerator = Accelerator(cpu=dev.type == "cpu", mixed_precision=precision)
+    tokenizer, actor, reference = _load_policies(params, frozen_dtype)
+    critic, reward = _load_scorers(params, frozen_dtype, tokenizer)
+    actor_optimizer = torch.optim.AdamW(
+        [p for p in actor.parameters() if p.requires_grad],
+        lr=cfg.actor_lr,
+        weight_decay=cfg.weight_decay,
+    )
+    critic_optimizer = torch.optim.AdamW(
+        [p for p in critic.parameters() if p.requires_grad],
+        lr=cfg.critic_lr,
+        weight_decay=cfg.weight_decay,
+    )
+    steps = cfg.num_iterations * cfg.ppo_epochs * (cfg.rollout_batch_size // cfg.mini_batch_size)
+    actor, critic, actor_optimizer, critic_optimizer = accelerator.prepare(
+        actor, critic, actor_optimizer, critic_optimizer
+    )
+    run = PPORun(
+        params=params,
+        accelerator=accelerator,
+        tokenizer=tokenizer,
+        actor=actor,
+        critic=critic,
+        reference=reference.to(accelerator.device),
+        reward=reward.to(accelerator.device),
+        actor_optimizer=actor_optimizer,
+        critic_optimizer=critic_optimizer,
+        actor_scheduler=get_scheduler(cfg.lr_scheduler, actor_optimizer, cfg.warmup_steps, steps),
+        critic_scheduler=get_scheduler(cfg.lr_scheduler, critic_optimizer, cfg.warmup_steps, steps),
+        prompts=render_prompts(_read_column("prompts", "prompt"), tokenizer),
+        ptx_examples=_ptx_examples(tokenizer) if cfg.ptx_coef > 0 else [],
+        score_stats=_score_stats() if cfg.normalize_scores else None,
+        kl_coef=cfg.kl_coef,
+    )
+    inputs = [PREPARED_DIR / "prompts", PREPARED_DIR / "sft", MODELS_DIR / "sft"]
+    resumable_dir(run.checkpoints, params, "ppo", [*inputs, MODELS_DIR / "reward_model"])
+    if has_checkpoint(run):
+        load_checkpoint(run)
+        log.info("ppo: resuming at iteration %d from %s", run.iteration, run.checkpoints)
+    return run
+
+
+def _load_policies(params: Params, frozen_dtype: torch.dtype) -> tuple[Any, Any, Any]:
+    """Tokenizer, actor (float32, trainable) and reference (frozen) from models/sft."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = model_dir("sft")
+    tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    actor = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    reference = AutoModelForCausalLM.from_pretrained(path, dtype=frozen_dtype)
+    actor = _trainable(actor, params.ppo.lora, "CAUSAL_LM", params.ppo.gradient_checkpointing)
+    return tokenizer, actor, _frozen(reference)
+
+
+def _load_scorers(
+    params: Params, frozen_dtype: torch.dtype, tokenizer: Any
+) -> tuple[TokenScorer, TokenScorer]:
+    """Critic (trainable, from the reward model) and the frozen reward model."""
+    from transformers import AutoModelForSequenceClassification
+
+    path = model_dir("reward_model")
+
+    def classifier(model_dtype: torch.dtype) -> Any:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=1, dtype=model_dtype
+        )
+        model.config.pad_token_id = tokenizer.pad_token_id
+        return model
+
+    critic = _trainable(
+        classifier(torch.float32), params.ppo.lora, "SEQ_CLS", params.ppo.gradient_checkpointing
+    )
+    return TokenScorer(critic), TokenScorer(_frozen(classifier(frozen_dtype)))
+
+
+def _trainable(model: Any, lora: LoraConfig | None, task_type: str, checkpointing: bool) -> Any:
+    from trl.trainer.utils import disable_dropout_in_model
+
+    disable_dropout_in_model(model)  # dropout would make old and new log-probs disagree
+    if checkpointing:
+        model.gradient_checkpointing_enable()
+        model.config.use_cache = False
+    if lora is not None:
+        from peft import LoraConfig as PeftLoraConfig
+        from peft import get_peft_model
+
+        model = get_peft_model(
+            model,
+            PeftLoraConfig(
+                r=lora.r,
+                lora_alpha=lora.alpha,
+                lora_dropout=lora.dropout,
+                target_modules=lora.target_modules,
+                task_type=task_type,
+            ),
+        )
+        if checkpointing:
+            model.enable_input_require_grads()
+    return model.train()
+
+
+def _frozen(model: Any) -> Any:
+    """Eval mode, no gradients, never given to an optimizer."""
+    model.requires_grad_(False)
+    return model.eval()
+
+
+def model_dir(stage: str) -> str:
+    path = MODELS_DIR / stage
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path}: no model (run `dvc repro {stage}` first)")
+    return str(path)
+
+
+def _read_column(kind: str, column: str) -> list[Any]:
+    path = PREPARED_DIR / kind / "train.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing (run `dvc repro prepare` first)")
+    return [json.loads(line)[column] for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def _ptx_examples(tokenizer: Any) -> list[tuple[str, str]]:
+    """SFT (prompt, completion + EOS) text pairs, rendered like SFTTrainer renders them."""
+    from trl.data_utils import maybe_apply_chat_template
+
+    path = PREPARED_DIR / "sft" / "train.jsonl"
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    pairs = []
+    for row in rows:
+        if "messages" in row:  # prepare splits messages, but a hand-made file may not
+            row = {"prompt": row["messages"][:-1], "completion": row["messages"][-1:]}
+        text = maybe_apply_chat_template(row, tokenizer)
+        eos = "" if isinstance(row["completion"], list) else tokenizer.eos_token
+        pairs.append((text["prompt"], text["completion"] + eos))
+    return pairs
+
+
+def _score_stats() -> tuple[float, float]:
+    stats = json.loads((MODELS_DIR / "reward_model" / "reward_stats.json").read_text())
+    return stats["reward_mean"], stats["reward_std"]

@@ -1,0 +1,78 @@
+"""The comparison a person reads: a Markdown table and a bar chart per metric (reports/), and the
+rows `dvc plots show` draws (plots/evaluate.json)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tasks.io import atomic_dir, write_json
+
+# What each metric is, for the report's legend (docs/metrics.md has the full glossary).
+LEGEND = {
+    "ground_truth_score": "the task's own scorer, 0–1 (synthetic: correct and polite)",
+    "reward_mean": "mean reward-model score of the responses",
+    "reward_std": "spread of those scores",
+    "win_rate_vs_sft": "fraction of prompts where the reward model prefers this policy to SFT",
+    "kl_to_sft": "nats per response the policy moved from SFT",
+    "response_length": "tokens per response, EOS included",
+    "eos_rate": "fraction of responses that ended by themselves",
+}
+
+
+def write_report(
+    metrics: dict[str, dict[str, float]], best: str, reports: Path, plots: Path
+) -> Path:
+    """reports/evaluate.md + reports/evaluate.png (atomically, as one directory) and
+    plots/evaluate.json; returns the chart's path."""
+    keys = [key for key in LEGEND if key in metrics["sft"]]
+    with atomic_dir(reports) as out:
+        _chart(metrics, keys, out / "evaluate.png")
+        (out / "evaluate.md").write_text(_markdown(metrics, keys, best), encoding="utf-8")
+    write_json(plots, [{"policy": policy} | values for policy, values in metrics.items()])
+    return reports / "evaluate.png"
+
+
+def _markdown(metrics: dict[str, dict[str, float]], keys: list[str], best: str) -> str:
+    lines = [
+        "# Evaluation: every policy on the held-out prompts",
+        "",
+        f"Best policy: **{best}** (registered in the MLflow model registry).",
+        "",
+        "| policy | " + " | ".join(keys) + " |",
+        "|---|" + "---:|" * len(keys),
+    ]
+    for policy, values in metrics.items():
+        cells = [f"{values[key]:.3f}" for key in keys]
+        name = f"**{policy}**" if policy == best else policy
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", "![comparison](evaluate.png)", ""]
+    lines += [f"- `{key}`: {LEGEND[key]}" for key in keys]
+    lines += ["", "Reward rising without ground truth rising is reward hacking.", ""]
+    return "\n".join(lines)
+
+
+def _chart(metrics: dict[str, dict[str, float]], keys: list[str], path: Path) -> None:
+    """One small bar chart per metric, policies side by side in the same colours."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    policies = list(metrics)
+    colours = [f"C{i}" for i in range(len(policies))]
+    columns = 4
+    rows = -(-len(keys) // columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 2.6 * rows), squeeze=False)
+    for ax, key in zip(axes.flat, keys, strict=False):
+        values = [metrics[policy][key] for policy in policies]
+        ax.bar(policies, values, color=colours)
+        ax.set_title(key, fontsize=10)
+        ax.tick_params(labelsize=8)
+        ax.margins(y=0.15)  # room for the value labels
+        for x, value in enumerate(values):
+            ax.annotate(f"{value:.2f}", (x, value), ha="center", va="bottom", fontsize=7)
+    for ax in list(axes.flat)[len(keys) :]:
+        ax.axis("off")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
