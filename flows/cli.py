@@ -10,6 +10,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 
 from tasks.config import MODELS_DIR, POLICIES, STAGES, load_params
 
@@ -19,6 +20,8 @@ EXAMPLES = """examples:
   dvc repro                               run every stage whose inputs changed
   rlhf generate --model models/ppo "What is 3 plus 4?"
   rlhf generate --compare "What is 3 plus 4?"   every trained policy, side by side
+  rlhf up --worker gpu && rlhf deploy     local Prefect + MLflow servers, a worker, deployments
+  RLHF_ORCHESTRATION=deployment dvc repro  every stage runs on the worker pool
 """
 
 
@@ -70,6 +73,29 @@ def main(argv: list[str] | None = None) -> int:
     generate.add_argument("--params", type=Path, default=Path("params.yaml"), help="for device")
     generate.set_defaults(run=run_generate)
 
+    deploy = commands.add_parser(
+        "deploy",
+        help="register the stage and pipeline deployments (prefect.yaml) with the Prefect server",
+        description="Create the work pool if missing (process type) and run `prefect deploy "
+        "--all`; runs execute in this workspace. Needs PREFECT_API_URL.",
+    )
+    deploy.add_argument("--pool", help="work pool (default: orchestration.work_pool)")
+    deploy.add_argument("--params", type=Path, default=Path("params.yaml"))
+    deploy.set_defaults(run=run_deploy)
+
+    up = commands.add_parser(
+        "up",
+        help="start a local Prefect server and MLflow server on 127.0.0.1",
+        description="Background services for the UIs (state and logs in .rlhf/); "
+        "`rlhf down` stops them.",
+    )
+    up.add_argument("--prefect-port", type=int, default=4200)
+    up.add_argument("--mlflow-port", type=int, default=5000)
+    up.add_argument("--worker", metavar="POOL", help="also start a process worker on POOL")
+    up.set_defaults(run=lambda a: _services().up(a.prefect_port, a.mlflow_port, a.worker) or 0)
+    down = commands.add_parser("down", help="stop what `rlhf up` started")
+    down.set_defaults(run=lambda a: _services().down() or 0)
+
     args = parser.parse_args(argv)
     if not args.debug:
         _hide_tracebacks()
@@ -96,8 +122,14 @@ def stage_flow(name: str) -> Callable:
 
 
 def run_stage(args: argparse.Namespace) -> int:
+    from flows.deployment import backend, run_on_worker
+
     params = load_params(args.params)  # fail fast on a bad file, before Prefect starts
     start = time.perf_counter()
+    if backend(params) == "deployment":
+        run_on_worker(args.name, params)
+        print(f"rlhf: {args.name} done on the worker in {time.perf_counter() - start:.1f}s")
+        return 0
     metrics = stage_flow(args.name)(params)
     summary = ", ".join(f"{key}={value:.4g}" for key, value in list(metrics.items())[:6])
     print(f"rlhf: {args.name} done in {time.perf_counter() - start:.1f}s: {summary}")
@@ -135,9 +167,25 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_deploy(args: argparse.Namespace) -> int:
+    from flows.deployment import deploy
+
+    deploy(args.pool or load_params(args.params).orchestration.work_pool)
+    return 0
+
+
+def _services() -> ModuleType:
+    """flows.services, imported only for `up`/`down`."""
+    import flows.services
+
+    return flows.services
+
+
 def _one_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    if isinstance(exc, (ValueError, OSError, FloatingPointError)) and text:
+    from flows.deployment import StageFailed
+
+    if isinstance(exc, (ValueError, OSError, FloatingPointError, StageFailed)) and text:
         return text  # our errors are already phrased for the user
     return f"{type(exc).__name__}: {text} (run `rlhf --debug ...` for the traceback)"
 

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -68,3 +72,35 @@ def prefect_server() -> Iterator[None]:
 @pytest.fixture(scope="session", autouse=True)
 def _no_user_tracking_env() -> None:
     os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """`python -m flows.cli ARGS` in `cwd` (what dvc runs) against the session's Prefect server."""
+    import prefect.settings
+
+    env = os.environ | {
+        "PREFECT_API_URL": prefect.settings.PREFECT_API_URL.value(),
+        "PYTHONPATH": str(REPO),
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "flows.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=cwd,
+        timeout=300,
+    )
+
+
+@contextlib.contextmanager
+def tasks_log() -> Iterator[list[str]]:
+    """Messages our `tasks.*` modules log while the block runs."""
+    messages: list[str] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: messages.append(record.getMessage())  # type: ignore[method-assign]
+    logger = logging.getLogger("tasks")
+    logger.addHandler(handler)
+    try:
+        yield messages
+    finally:
+        logger.removeHandler(handler)

@@ -7,16 +7,11 @@ model and models/reward_model = a 1-label classifier on it (no SFT / reward trai
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
-import logging
 import math
-import os
 import re
 import shutil
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,7 +20,7 @@ import pytest
 import torch
 
 from tasks.config import load_params
-from tests.conftest import write_params
+from tests.conftest import run_cli, tasks_log, write_params
 from tests.sizes import SMALL
 
 pytestmark = pytest.mark.slow
@@ -166,20 +161,6 @@ def uninterrupted(inputs: Path, tmp_path_factory: pytest.TempPathFactory) -> tup
         patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
         metrics = ppo(load_params(write_params(root / "params.yaml", OVERRIDES)))
     return root, metrics
-
-
-@contextlib.contextmanager
-def tasks_log() -> Iterator[list[str]]:
-    """Messages our `tasks.*` modules log while the block runs."""
-    messages: list[str] = []
-    handler = logging.Handler(logging.INFO)
-    handler.emit = lambda record: messages.append(record.getMessage())  # type: ignore[method-assign]
-    logger = logging.getLogger("tasks")
-    logger.addHandler(handler)
-    try:
-        yield messages
-    finally:
-        logger.removeHandler(handler)
 
 
 def snapshot(model: Any) -> dict[str, torch.Tensor]:
@@ -537,7 +518,10 @@ def test_nan_loss_stops_before_the_optimizer_step(
         return value * float("nan"), stats
 
     monkeypatch.setattr(train, loss, nan_loss)
-    with pytest.raises(FloatingPointError, match=rf"^ppo: iteration 1: non-finite {what}; no checkpoint was written yet"):
+    with pytest.raises(
+        FloatingPointError,
+        match=rf"^ppo: iteration 1: non-finite {what}; no checkpoint was written yet",
+    ):
         train.update.fn(run, experience, 1)
     after = snapshot(model)  # the guard fired before the first step: the weights are untouched
     assert all(torch.equal(before[k], after[k]) for k in after)
@@ -548,22 +532,10 @@ def test_cli_nan_reward_model_is_one_error_line(
     inputs: Path, workdir: Path, make_params, prefect_server
 ):
     """`rlhf stage ppo` (what dvc runs) with NaN reward weights: exit 1, one line, no traceback."""
-    import prefect.settings
-
     copy_inputs(inputs, workdir)
     build_models(workdir, nan_reward=True)
     params = make_params(OVERRIDES)
-    env = os.environ | {"PREFECT_API_URL": prefect.settings.PREFECT_API_URL.value()}
-    rlhf = REPO / ".venv" / "bin" / "rlhf"
-    command = [str(rlhf)] if rlhf.is_file() else [sys.executable, "-m", "flows.cli"]
-    done = subprocess.run(
-        [*command, "stage", "ppo", "--params", str(params)],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=workdir,
-        timeout=300,
-    )
+    done = run_cli("stage", "ppo", "--params", str(params), cwd=workdir)
     assert done.returncode == 1, done.stdout + done.stderr
     errors = [line for line in done.stderr.splitlines() if line.startswith("rlhf: error:")]
     assert len(errors) == 1, done.stderr

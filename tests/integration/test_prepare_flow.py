@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,6 +13,7 @@ import pytest
 
 from tasks.config import STAGE_SECTIONS, load_params
 from tasks.tracking import flatten
+from tests.conftest import run_cli
 from tests.sizes import SMALL
 
 pytestmark = pytest.mark.slow
@@ -267,22 +265,10 @@ def test_cli_reports_missing_base_model_in_one_line(
     workdir: Path, make_params, prefect_server, tmp_path: Path
 ):
     """`rlhf stage prepare` (what dvc runs) ends with exit 1 and one `rlhf: error:` line."""
-    import prefect.settings
 
     missing = tmp_path / "no-such-model"
     params = make_params(SMALL | {"model.base": str(missing)})
-    env = os.environ | {
-        "PREFECT_API_URL": prefect.settings.PREFECT_API_URL.value(),
-        "PYTHONPATH": str(REPO),
-    }
-    done = subprocess.run(
-        [sys.executable, "-m", "flows.cli", "stage", "prepare", "--params", str(params)],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=workdir,
-        timeout=300,
-    )
+    done = run_cli("stage", "prepare", "--params", str(params), cwd=workdir)
     assert done.returncode == 1, done.stdout + done.stderr
     errors = [line for line in done.stderr.splitlines() if line.startswith("rlhf: error:")]
     assert len(errors) == 1, done.stderr

@@ -8,13 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import math
-import os
 import re
 import shutil
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,7 +19,7 @@ import pytest
 
 from tasks.config import load_params
 from tasks.trainers import REWARD_STATS, SUMMARY
-from tests.conftest import write_params
+from tests.conftest import run_cli, tasks_log, write_params
 from tests.sizes import SMALL
 
 pytestmark = pytest.mark.slow
@@ -208,20 +204,6 @@ def checkpoint_saves(interrupt: bool = False) -> Iterator[list[int]]:
         yield saved
 
 
-@contextlib.contextmanager
-def tasks_log() -> Iterator[list[str]]:
-    """Messages our `tasks.*` modules log while the block runs."""
-    messages: list[str] = []
-    handler = logging.Handler(logging.INFO)
-    handler.emit = lambda record: messages.append(record.getMessage())  # type: ignore[method-assign]
-    logger = logging.getLogger("tasks")
-    logger.addHandler(handler)
-    try:
-        yield messages
-    finally:
-        logger.removeHandler(handler)
-
-
 # ---------------------------------------------------------------- each stage end to end
 
 
@@ -327,23 +309,11 @@ def test_simpo_stage_rejects_cpo_alpha_before_training(
     trained, workdir: Path, make_params, prefect_server
 ):
     """`rlhf stage simpo` with cpo_alpha ≠ 0 (CPO-SimPO) stops at load time in one line."""
-    import prefect.settings
 
     root, _ = trained
     copy_inputs(root, workdir, "data/prepared", "models/base", "models/sft")
     params = make_params(TRAIN | {"simpo.trainer.cpo_alpha": 0.5})
-    env = os.environ | {
-        "PREFECT_API_URL": prefect.settings.PREFECT_API_URL.value(),
-        "PYTHONPATH": str(REPO),
-    }
-    done = subprocess.run(
-        [sys.executable, "-m", "flows.cli", "stage", "simpo", "--params", str(params)],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=workdir,
-        timeout=300,
-    )
+    done = run_cli("stage", "simpo", "--params", str(params), cwd=workdir)
     assert done.returncode == 1, done.stdout + done.stderr
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, done.stderr
