@@ -70,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     generate.add_argument("--max-new-tokens", type=int, default=48)
     generate.add_argument("--sample", action="store_true", help="sample instead of greedy")
     generate.add_argument("--temperature", type=float, default=1.0)
+    generate.add_argument("--seed", type=int, default=0, help="sampling seed")
     generate.add_argument("--params", type=Path, default=Path("params.yaml"), help="for device")
     generate.set_defaults(run=run_generate)
 
@@ -137,13 +138,17 @@ def run_stage(args: argparse.Namespace) -> int:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from tasks.generation import generate_texts, load_policy, render_prompts
-
     params = load_params(args.params)
     models = [MODELS_DIR / name for name in POLICIES] if args.compare else [args.model]
     models = [path for path in models if not args.compare or (path / "config.json").is_file()]
     if not models:
         raise FileNotFoundError(f"{MODELS_DIR}: no trained policy yet (run `dvc repro`)")
+    if not (models[0] / "config.json").is_file():  # before the slow imports
+        raise FileNotFoundError(f"{models[0]}: no model here (run its stage with `dvc repro`)")
+    import torch
+
+    from tasks.generation import generate_texts, load_policy, render_prompts
+
     if args.chat:
         prompts = [[{"role": "user", "content": text}] for text in args.prompt]
     else:
@@ -151,6 +156,7 @@ def run_generate(args: argparse.Namespace) -> int:
     answers = {}
     for path in models:
         model, tokenizer = load_policy(path, params)
+        torch.manual_seed(args.seed)  # --sample: the same draw for every policy
         answers[path.name] = generate_texts(
             model,
             tokenizer,
@@ -163,7 +169,8 @@ def run_generate(args: argparse.Namespace) -> int:
     for index, text in enumerate(args.prompt):
         print(text.strip())
         for name, responses in answers.items():
-            print(f"  {name:<{width}}  {responses[index].strip()}")
+            printable = "".join(ch if ch.isprintable() else " " for ch in responses[index])
+            print(f"  {name:<{width}}  {' '.join(printable.split())}")  # one line per policy
     return 0
 
 

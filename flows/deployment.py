@@ -5,10 +5,13 @@ prefect.yaml. Kept free of torch imports: the laptop side only talks to the Pref
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import subprocess
 import sys
 import time
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -38,7 +41,7 @@ def run_on_worker(stage: str, params: Params) -> None:
     from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
     from prefect.settings import PREFECT_API_URL
-    from prefect.states import Cancelling
+    from prefect.states import Cancelled, Cancelling
 
     if not PREFECT_API_URL.value():
         raise ValueError(
@@ -49,28 +52,36 @@ def run_on_worker(stage: str, params: Params) -> None:
     flow_run = run_deployment(
         f"{stage}/{stage}",
         parameters={"params": params.model_dump(mode="json")},
+        # The stages of one `dvc repro` share its pipeline id (an MLflow tag), wherever they run.
+        job_variables={"env": {"RLHF_PIPELINE_ID": _pipeline_id()}},
         timeout=0,  # return at once; we follow the run ourselves
         as_subflow=False,
     )
     deadline = time.monotonic() + cfg.timeout_s
     with get_client(sync_client=True) as client:
-        seen: set[UUID] = set()
+        logs = _LogTail(client, flow_run.id)
         while True:
             run = client.read_flow_run(flow_run.id)
-            _print_logs(client, flow_run.id, seen)
+            logs.poll()
             if run.state is not None and run.state.is_final():
                 break
             if time.monotonic() > deadline:
-                client.set_flow_run_state(flow_run.id, Cancelling(), force=True)
+                # A run no worker took yet has nothing to stop; the worker stops the others.
+                state = (
+                    Cancelled() if run.state is None or run.state.is_scheduled() else Cancelling()
+                )
+                client.set_flow_run_state(flow_run.id, state, force=True)
                 raise StageFailed(
                     f"{stage}: deployment run '{run.name}' exceeded orchestration.timeout_s "
                     f"({cfg.timeout_s:g} s) and was cancelled"
                 )
             time.sleep(cfg.poll_interval_s)
-        if not run.state.is_completed():  # the worker ships logs in batches: wait for the error
-            for _ in range(int(3.0 / cfg.poll_interval_s) + 1):
-                time.sleep(cfg.poll_interval_s)
-                _print_logs(client, flow_run.id, seen)
+        # The engine ships its last records (the error, "Finished in state ...") after the
+        # final state is set: wait for them, briefly.
+        grace = time.monotonic() + LOG_GRACE_S
+        while logs.seen and not logs.finished and time.monotonic() < grace:
+            time.sleep(min(cfg.poll_interval_s, 0.25))
+            logs.poll()
     if not run.state.is_completed():
         raise StageFailed(
             f"{stage}: deployment run '{run.name}' ended {run.state.type.value}: "
@@ -85,20 +96,79 @@ def run_on_worker(stage: str, params: Params) -> None:
         )
 
 
-def _print_logs(client: Any, flow_run_id: UUID, seen: set[UUID]) -> int:
-    """Print the run's log lines not printed yet (they can arrive out of order); how many."""
-    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
-    from prefect.client.schemas.sorting import LogSort
+LOG_GRACE_S = 3.0
+"""How long to wait, after a run's final state, for its last log records."""
 
-    logs = client.read_logs(
-        log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])),
-        sort=LogSort.TIMESTAMP_ASC,
-    )
-    new = [record for record in logs if record.id not in seen]
-    for record in new:
-        seen.add(record.id)
-        print(f"[worker] {record.message}", file=sys.stderr)
-    return len(new)
+
+def _pipeline_id() -> str:
+    """The pipeline id a local run of this stage would tag (tasks.tracking.pipeline_id, derived
+    the same way: $RLHF_PIPELINE_ID, else the `dvc` process that runs this stage), computed
+    without importing tasks.tracking, which imports MLflow (~1 s)."""
+    if from_env := os.environ.get("RLHF_PIPELINE_ID"):
+        return from_env
+    import hashlib
+
+    import psutil
+
+    process = psutil.Process()
+    for ancestor in process.parents():
+        with contextlib.suppress(psutil.Error):
+            if any(Path(part).name == "dvc" for part in ancestor.cmdline()[:2]):
+                process = ancestor
+                break
+    seed = f"{process.pid}-{process.create_time()}"
+    return hashlib.sha1(seed.encode()).hexdigest()[:12]
+
+
+class _LogTail:
+    """Prints a flow run's log records to stderr, each once. The engine and the worker ship
+    theirs in separate batches, so a record can arrive after a later one: every poll re-reads
+    from a little before the newest record seen, page by page (the API returns at most 200)."""
+
+    PAGE = 200
+    SLACK = timedelta(seconds=10)
+
+    def __init__(self, client: Any, flow_run_id: UUID) -> None:
+        self.client = client
+        self.flow_run_id = flow_run_id
+        self.seen: set[UUID] = set()
+        self.newest: datetime | None = None
+        self.finished = False  # the flow run's "Finished in state ..." record arrived
+
+    def poll(self) -> int:
+        """Print the records not printed yet; how many."""
+        from prefect.client.schemas.filters import (
+            LogFilter,
+            LogFilterFlowRunId,
+            LogFilterTimestamp,
+        )
+        from prefect.client.schemas.sorting import LogSort
+
+        log_filter = LogFilter(
+            flow_run_id=LogFilterFlowRunId(any_=[self.flow_run_id]),
+            timestamp=LogFilterTimestamp(after_=self.newest - self.SLACK if self.newest else None),
+        )
+        printed = 0
+        offset = 0
+        while True:
+            page = self.client.read_logs(
+                log_filter=log_filter, limit=self.PAGE, offset=offset, sort=LogSort.TIMESTAMP_ASC
+            )
+            for record in page:
+                if record.id in self.seen:
+                    continue
+                self.seen.add(record.id)
+                self.newest = max(self.newest or record.timestamp, record.timestamp)
+                message = record.message.rstrip()
+                if record.level >= logging.WARNING:  # tracebacks stay in the Prefect UI
+                    message = message.splitlines()[0] if message else message
+                if record.name == "prefect.flow_runs" and message.startswith("Finished in state"):
+                    self.finished = True
+                print(f"[worker] {message}", file=sys.stderr)
+                printed += 1
+            if len(page) < self.PAGE:
+                return printed
+            offset += self.PAGE
 
 
 def stage_outputs(stage: str, dvc_yaml: Path = Path("dvc.yaml")) -> list[str]:
@@ -113,14 +183,17 @@ def deploy(pool: str) -> None:
     with this workspace as the runs' working directory."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import WorkPoolCreate
-    from prefect.exceptions import ObjectNotFound
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
     with get_client(sync_client=True) as client:
         try:
             client.read_work_pool(pool)
         except ObjectNotFound:
-            client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
-            print(f"rlhf: created process work pool '{pool}'")
+            try:
+                client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
+                print(f"rlhf: created process work pool '{pool}'")
+            except ObjectAlreadyExists:  # a worker started meanwhile created it
+                pass
     env = os.environ | {
         "RLHF_WORK_POOL": pool,
         "RLHF_WORKSPACE": os.environ.get("RLHF_WORKSPACE", str(Path.cwd().resolve())),

@@ -5,10 +5,10 @@ from __future__ import annotations
 from prefect import flow
 
 from tasks.config import METRICS_DIR, PLOTS_DIR, REPORTS_DIR, Params
-from tasks.evaluate import answer, best_policy, compare, publish, samples_table
+from tasks.evaluate import answer, best_policy, compare, policy_dir, publish, samples_table
 from tasks.generation import eval_prompts
-from tasks.io import write_json
-from tasks.report import write_report
+from tasks.io import atomic_dir, write_json
+from tasks.report import plot_rows, write_report
 from tasks.tracking import stage_run
 
 
@@ -17,14 +17,18 @@ def evaluate(params: Params) -> dict[str, float]:
     """Generate and judge per policy, compare, report, register the best policy."""
     cfg = params.evaluate
     with stage_run("evaluate", params):
+        for policy in (*cfg.policies, "reward_model"):
+            policy_dir(policy)  # a missing model fails now, not after the others were judged
         prompts = eval_prompts(cfg.max_prompts)
         answers = {policy: answer(policy, params) for policy in cfg.policies}
         synthetic = params.data.source == "synthetic"
         metrics = compare(answers, prompts, synthetic)
         best = best_policy(metrics)
-        write_report(metrics, best, REPORTS_DIR, PLOTS_DIR / "evaluate.json")
         samples = samples_table(answers, prompts, cfg.num_samples_logged, synthetic)
-        publish(metrics, best, REPORTS_DIR, samples, params)
+        with atomic_dir(REPORTS_DIR) as reports:  # renamed into place only if publishing worked
+            write_report(metrics, best, reports)
+            publish(metrics, best, reports, samples, params)
+        write_json(PLOTS_DIR / "evaluate.json", plot_rows(metrics))
         write_json(METRICS_DIR / "evaluate.json", metrics)
         key = "ground_truth_score" if synthetic else "reward_mean"
         return {f"{policy}.{key}": values[key] for policy, values in metrics.items()}

@@ -53,9 +53,11 @@ def answer(policy: str, params: Params) -> dict[str, list[Any]]:
     cfg = params.evaluate
     prompts = eval_prompts(cfg.max_prompts)
     model, tokenizer = load_policy(policy_dir(policy), params)
-    reference, _ = load_policy(policy_dir("sft"), params)
+    reference = model if policy == "sft" else load_policy(policy_dir("sft"), params)[0]
     reward = _reward_model(params, model.device)
-    stop_ids = sorted({tokenizer.eos_token_id, *_ids(model.generation_config.eos_token_id)})
+    stop_ids = sorted(
+        {tokenizer.eos_token_id, *_ids(model.generation_config.eos_token_id)} - {None}
+    )
     sampling = (
         {"do_sample": True, "temperature": cfg.temperature, "top_p": cfg.top_p, "top_k": 0}
         if cfg.do_sample
@@ -102,8 +104,9 @@ def _judge(
     positions = positions_from_mask(attention)
     inputs = {"input_ids": sequences, "attention_mask": attention, "position_ids": positions}
     T = mask.shape[1]
-    logp = torch.log_softmax(policy(**inputs).logits[:, P - 1 : P - 1 + T].float(), dim=-1)
-    ref_logp = torch.log_softmax(reference(**inputs).logits[:, P - 1 : P - 1 + T].float(), dim=-1)
+    keep = {"logits_to_keep": T + 1}  # the lm head only over the response: [B, T+1, V]
+    logp = torch.log_softmax(policy(**inputs, **keep).logits[:, :-1].float(), dim=-1)
+    ref_logp = torch.log_softmax(reference(**inputs, **keep).logits[:, :-1].float(), dim=-1)
     kl = ((logp.exp() * (logp - ref_logp)).sum(dim=-1) * mask).sum(dim=1)
     last = P + mask.sum(dim=1) - 1
     scores = reward(sequences, attention, positions).gather(1, last.unsqueeze(1)).squeeze(1)
@@ -155,9 +158,9 @@ def compare(
 
 
 def best_policy(metrics: dict[str, dict[str, float]]) -> str:
-    """Highest ground-truth score when there is one, else highest mean reward."""
+    """Highest ground-truth score when there is one (ties: higher reward), else highest reward."""
     key = "ground_truth_score" if "ground_truth_score" in metrics["sft"] else "reward_mean"
-    return max(metrics, key=lambda policy: metrics[policy][key])
+    return max(sorted(metrics), key=lambda p: (metrics[p][key], metrics[p]["reward_mean"]))
 
 
 def samples_table(

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tasks.io import atomic_dir, write_json
-
 # What each metric is, for the report's legend (docs/metrics.md has the full glossary).
 LEGEND = {
     "ground_truth_score": "the task's own scorer, 0–1 (synthetic: correct and polite)",
@@ -19,17 +17,16 @@ LEGEND = {
 }
 
 
-def write_report(
-    metrics: dict[str, dict[str, float]], best: str, reports: Path, plots: Path
-) -> Path:
-    """reports/evaluate.md + reports/evaluate.png (atomically, as one directory) and
-    plots/evaluate.json; returns the chart's path."""
+def write_report(metrics: dict[str, dict[str, float]], best: str, out: Path) -> None:
+    """`out`/evaluate.md (a table) and `out`/evaluate.png (bar charts)."""
     keys = [key for key in LEGEND if key in metrics["sft"]]
-    with atomic_dir(reports) as out:
-        _chart(metrics, keys, out / "evaluate.png")
-        (out / "evaluate.md").write_text(_markdown(metrics, keys, best), encoding="utf-8")
-    write_json(plots, [{"policy": policy} | values for policy, values in metrics.items()])
-    return reports / "evaluate.png"
+    _chart(metrics, keys, out / "evaluate.png")
+    (out / "evaluate.md").write_text(_markdown(metrics, keys, best), encoding="utf-8")
+
+
+def plot_rows(metrics: dict[str, dict[str, float]]) -> list[dict[str, float | str]]:
+    """plots/evaluate.json: one row per policy, for `dvc plots show`'s bar charts."""
+    return [{"policy": policy} | values for policy, values in metrics.items()]
 
 
 def _markdown(metrics: dict[str, dict[str, float]], keys: list[str], best: str) -> str:

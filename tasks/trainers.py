@@ -90,7 +90,8 @@ def train(stage: str, params: Params) -> dict[str, float]:
         processing_class=tokenizer,
         peft_config=_peft_config(section.lora, stage),
     )
-    mlflow.log_dict(args.to_dict(), f"{stage}_trl_config.json")
+    if trainer.is_world_process_zero():  # under `accelerate launch`, rank 0 tracks and writes
+        mlflow.log_dict(args.to_dict(), f"{stage}_trl_config.json")
     resume = _last_complete_checkpoint(checkpoints)
     if resume:
         log.info("%s: resuming from %s", stage, resume)
@@ -104,6 +105,8 @@ def train(stage: str, params: Params) -> dict[str, float]:
     metrics |= {name: evaluation[key] for name, key in SUMMARY[stage].items()}
     if stage == "sft":
         metrics["eval_perplexity"] = math.exp(min(evaluation["eval_loss"], 50.0))
+    if not trainer.is_world_process_zero():
+        return metrics
     with atomic_dir(MODELS_DIR / stage) as out:
         final = trainer.model.merge_and_unload() if section.lora else trainer.model
         final.save_pretrained(out)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import statistics
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +16,9 @@ from torch.testing import assert_close
 
 from tasks.evaluate import METRICS, _judge, best_policy, compare, policy_dir, samples_table
 from tasks.ppo.rollout import TokenScorer
-from tasks.report import LEGEND, write_report
+from tasks.report import LEGEND, plot_rows, write_report
 from tasks.synthetic import ground_truth
+from tests.tiny import BOS, EOS, MAX_NEW, PAD, VOCAB, init_std, tiny_config
 
 # ----------------------------------------------------------------------------- handmade answers
 
@@ -235,12 +237,12 @@ def test_samples_table_without_ground_truth_and_more_rows_than_prompts() -> None
 
 def test_write_report(tmp_path: Path) -> None:
     metrics = compare(ANSWERS, PROMPTS, synthetic=True)
-    reports, plots = tmp_path / "reports", tmp_path / "plots" / "evaluate.json"
-    chart = write_report(metrics, "ppo", reports, plots)
+    reports = tmp_path / "reports"
+    reports.mkdir()
+    write_report(metrics, "ppo", reports)
 
-    assert chart == reports / "evaluate.png"
     assert sorted(p.name for p in reports.iterdir()) == ["evaluate.md", "evaluate.png"]
-    png = chart.read_bytes()
+    png = (reports / "evaluate.png").read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n")
     assert len(png) > 10_000  # a real chart, not an empty canvas
 
@@ -260,23 +262,14 @@ def test_write_report(tmp_path: Path) -> None:
     assert cells["**ppo**"] == [f"{metrics['ppo'][k]:.3f}" for k in keys]
     assert cells["dpo"] == [f"{metrics['dpo'][k]:.3f}" for k in keys]
     assert "evaluate.png" in markdown
+    assert plot_rows(metrics) == [{"policy": policy} | values for policy, values in metrics.items()]
 
-    assert json.loads(plots.read_text()) == [
-        {"policy": policy} | values for policy, values in metrics.items()
-    ]
-    # no temp or old dirs/files beside the outputs
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["plots", "reports"]
-    assert [p.name for p in plots.parent.iterdir()] == ["evaluate.json"]
-
-    # a second report replaces the first (atomically), still without leftovers
+    # without a ground truth: neither a column nor in the legend
     without_truth = compare(ANSWERS, PROMPTS, synthetic=False)
-    write_report(without_truth, "sft", reports, plots)
+    write_report(without_truth, "sft", reports)
     markdown = (reports / "evaluate.md").read_text(encoding="utf-8")
-    assert "ground_truth_score" not in markdown  # neither a column nor in the legend
+    assert "ground_truth_score" not in markdown
     assert "| **sft** |" in markdown and "| **ppo** |" not in markdown
-    assert json.loads(plots.read_text())[0] == {"policy": "ppo"} | without_truth["ppo"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["plots", "reports"]
-    assert sorted(p.name for p in reports.iterdir()) == ["evaluate.md", "evaluate.png"]
 
 
 # ----------------------------------------------------------------------------- policy_dir
@@ -295,38 +288,14 @@ def test_listed_but_missing_policy_is_a_clear_error(tmp_path: Path, monkeypatch)
 
 # ----------------------------------------------------------------------------- _judge
 
-PAD, BOS, EOS = 0, 1, 2
-VOCAB = 8  # small: a random model stops by itself in some rows and not in others
-MAX_NEW = 8
 
-
-def tiny_config(**overrides: Any) -> Any:
-    from transformers import LlamaConfig
-
-    return LlamaConfig(
-        **{
-            "vocab_size": VOCAB,
-            "hidden_size": 16,
-            "intermediate_size": 32,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "num_key_value_heads": 2,
-            "max_position_embeddings": 64,
-            "pad_token_id": PAD,
-            "bos_token_id": BOS,
-            "eos_token_id": EOS,
-        }
-        | overrides
-    )
-
-
-def init_std(model: Any, std: float) -> Any:
-    """Larger random weights than HF's 0.02, so distributions and scores are far from flat."""
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" not in name:
-                param.normal_(0.0, std)
-    return model.eval()
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread() -> Iterator[None]:
+    """Tiny models gain nothing from a second thread on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _lm(seed: int) -> Any:
