@@ -125,7 +125,11 @@ def stage_flow(name: str) -> Callable:
 def run_stage(args: argparse.Namespace) -> int:
     from flows.deployment import backend, run_on_worker
 
-    params = load_params(args.params)  # fail fast on a bad file, before Prefect starts
+    # Fail fast on a bad file, before Prefect starts. The deployment backend skips the TRL check
+    # of the `trainer:` sections: it would import torch here only to send the run to a worker.
+    params = load_params(args.params, trainers=False)
+    if backend(params) == "local":
+        params = load_params(args.params)
     start = time.perf_counter()
     if backend(params) == "deployment":
         run_on_worker(args.name, params)

@@ -5,7 +5,6 @@ prefect.yaml. Kept free of torch imports: the laptop side only talks to the Pref
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import subprocess
@@ -19,6 +18,7 @@ from uuid import UUID
 from ruamel.yaml import YAML
 
 from tasks.config import Params
+from tasks.lineage import pipeline_id
 
 BIN = Path(sys.executable).parent
 
@@ -41,7 +41,6 @@ def run_on_worker(stage: str, params: Params) -> None:
     from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
     from prefect.settings import PREFECT_API_URL
-    from prefect.states import Cancelled, Cancelling
 
     if not PREFECT_API_URL.value():
         raise ValueError(
@@ -53,29 +52,30 @@ def run_on_worker(stage: str, params: Params) -> None:
         f"{stage}/{stage}",
         parameters={"params": params.model_dump(mode="json")},
         # The stages of one `dvc repro` share its pipeline id (an MLflow tag), wherever they run.
-        job_variables={"env": {"RLHF_PIPELINE_ID": _pipeline_id()}},
+        job_variables={"env": {"RLHF_PIPELINE_ID": pipeline_id()}},
         timeout=0,  # return at once; we follow the run ourselves
         as_subflow=False,
     )
     deadline = time.monotonic() + cfg.timeout_s
     with get_client(sync_client=True) as client:
         logs = _LogTail(client, flow_run.id)
-        while True:
-            run = client.read_flow_run(flow_run.id)
-            logs.poll()
-            if run.state is not None and run.state.is_final():
-                break
-            if time.monotonic() > deadline:
-                # A run no worker took yet has nothing to stop; the worker stops the others.
-                state = (
-                    Cancelled() if run.state is None or run.state.is_scheduled() else Cancelling()
-                )
-                client.set_flow_run_state(flow_run.id, state, force=True)
-                raise StageFailed(
-                    f"{stage}: deployment run '{run.name}' exceeded orchestration.timeout_s "
-                    f"({cfg.timeout_s:g} s) and was cancelled"
-                )
-            time.sleep(cfg.poll_interval_s)
+        try:
+            while True:
+                run = client.read_flow_run(flow_run.id)
+                logs.poll()
+                if run.state is not None and run.state.is_final():
+                    break
+                if time.monotonic() > deadline:
+                    _cancel(client, run)
+                    raise StageFailed(
+                        f"{stage}: deployment run '{run.name}' exceeded orchestration.timeout_s "
+                        f"({cfg.timeout_s:g} s) and was cancelled"
+                    )
+                time.sleep(cfg.poll_interval_s)
+        except KeyboardInterrupt:  # Ctrl-C stops the run too, not only the following of it
+            _cancel(client, client.read_flow_run(flow_run.id))
+            print(f"rlhf: cancelled deployment run '{flow_run.name}'", file=sys.stderr)
+            raise
         # The engine ships its last records (the error, "Finished in state ...") after the
         # final state is set: wait for them, briefly.
         grace = time.monotonic() + LOG_GRACE_S
@@ -100,24 +100,15 @@ LOG_GRACE_S = 3.0
 """How long to wait, after a run's final state, for its last log records."""
 
 
-def _pipeline_id() -> str:
-    """The pipeline id a local run of this stage would tag (tasks.tracking.pipeline_id, derived
-    the same way: $RLHF_PIPELINE_ID, else the `dvc` process that runs this stage), computed
-    without importing tasks.tracking, which imports MLflow (~1 s)."""
-    if from_env := os.environ.get("RLHF_PIPELINE_ID"):
-        return from_env
-    import hashlib
+def _cancel(client: Any, run: Any) -> None:
+    """Cancel a flow run: at once if no worker took it yet (nothing to stop), else through its
+    worker (Cancelling: the worker stops the flow-run process, then marks it Cancelled)."""
+    from prefect.states import Cancelled, Cancelling
 
-    import psutil
-
-    process = psutil.Process()
-    for ancestor in process.parents():
-        with contextlib.suppress(psutil.Error):
-            if any(Path(part).name == "dvc" for part in ancestor.cmdline()[:2]):
-                process = ancestor
-                break
-    seed = f"{process.pid}-{process.create_time()}"
-    return hashlib.sha1(seed.encode()).hexdigest()[:12]
+    if run.state is not None and run.state.is_final():
+        return
+    waiting = run.state is None or run.state.is_scheduled()
+    client.set_flow_run_state(run.id, Cancelled() if waiting else Cancelling(), force=True)
 
 
 class _LogTail:
@@ -184,7 +175,13 @@ def deploy(pool: str) -> None:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import WorkPoolCreate
     from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+    from prefect.settings import PREFECT_API_URL
 
+    if not PREFECT_API_URL.value():  # else a temporary server would get them, and forget them
+        raise ValueError(
+            "rlhf deploy needs a Prefect server: set PREFECT_API_URL "
+            "(`rlhf up` starts one and prints it)"
+        )
     with get_client(sync_client=True) as client:
         try:
             client.read_work_pool(pool)

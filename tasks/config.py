@@ -425,8 +425,10 @@ def trl_config_class(stage: str) -> type:
         return getattr(importlib.import_module(module), name)
 
 
-def load_params(path: str | Path = "params.yaml") -> Params:
-    """Read and validate `path`; raise ParamsError naming file, line and key on any problem."""
+def load_params(path: str | Path = "params.yaml", *, trainers: bool = True) -> Params:
+    """Read and validate `path`; raise ParamsError naming file, line and key on any problem.
+    `trainers=False` leaves out the check of the `<stage>.trainer` sections against the TRL
+    configs, which imports TRL (torch, transformers: seconds)."""
     path = Path(path)
     try:
         raw = YAML(typ="rt").load(path.read_text(encoding="utf-8"))
@@ -446,7 +448,7 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         # An unknown key usually is a misspelt known one: report it (with its suggestion) first.
         errors = sorted(exc.errors(), key=lambda error: error["type"] != "extra_forbidden")
         raise ParamsError(_describe(errors, raw, path)) from None
-    for stage in ("sft", "reward_model", "dpo", "simpo"):
+    for stage in ("sft", "reward_model", "dpo", "simpo") if trainers else ():
         _check_trainer(stage, getattr(params, stage).trainer, raw, path)
     return params
 

@@ -8,21 +8,19 @@ marks it FAILED (KILLED on Ctrl-C): no run is left RUNNING.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib.metadata
 import logging
 import os
 import re
 import subprocess
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import mlflow
-from ruamel.yaml import YAML
 
 from tasks.config import METRICS_DIR, STAGE_SECTIONS, Params, TrackingConfig
 from tasks.io import write_json
+from tasks.lineage import pipeline_id, upstream_hashes
 
 log = logging.getLogger(__name__)
 
@@ -115,39 +113,6 @@ def run_tags(stage: str, params: Params) -> dict[str, str]:
         with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             tags[f"version.{name}"] = importlib.metadata.version(name)
     return tags | upstream_hashes(stage)
-
-
-def pipeline_id() -> str:
-    """Shared by the stages of one `dvc repro`: $RLHF_PIPELINE_ID, else derived from the DVC
-    process that runs this stage (each stage is its child), else unique to this process."""
-    if from_env := os.environ.get("RLHF_PIPELINE_ID"):
-        return from_env
-    import psutil
-
-    process = psutil.Process()
-    for ancestor in process.parents():
-        with contextlib.suppress(psutil.Error):
-            if any(Path(part).name == "dvc" for part in ancestor.cmdline()[:2]):
-                process = ancestor
-                break
-    seed = f"{process.pid}-{process.create_time()}"
-    return hashlib.sha1(seed.encode()).hexdigest()[:12]
-
-
-def upstream_hashes(
-    stage: str, dvc_yaml: Path = Path("dvc.yaml"), dvc_lock: Path = Path("dvc.lock")
-) -> dict[str, str]:
-    """`dvc.dep.<path>` = DVC's md5 of each dependency another stage produced (from dvc.lock)."""
-    if not (dvc_yaml.exists() and dvc_lock.exists()):
-        return {}
-    yaml = YAML(typ="safe")
-    deps = (yaml.load(dvc_yaml).get("stages", {}).get(stage) or {}).get("deps", [])
-    outs = {
-        out["path"]: out.get("md5", "")
-        for locked in (yaml.load(dvc_lock).get("stages") or {}).values()
-        for out in locked.get("outs", [])
-    }
-    return {f"dvc.dep.{dep}": outs[dep] for dep in deps if outs.get(dep)}
 
 
 def _git(*args: str) -> str:

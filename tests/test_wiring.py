@@ -31,7 +31,7 @@ STAGE_NAMES = sorted(DVC_STAGES)
 
 # Modules that shape how a stage runs and reports, not what it computes: a change to them must
 # not rebuild the pipeline (e.g. a better error message in config.py, a new MLflow tag).
-INFRASTRUCTURE = {"tasks/config.py", "tasks/io.py", "tasks/tracking.py"}
+INFRASTRUCTURE = {"tasks/config.py", "tasks/io.py", "tasks/tracking.py", "tasks/lineage.py"}
 
 
 def _paths(entries: list[Any]) -> list[str]:

@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -76,41 +76,55 @@ class Service:
         return self.process.poll() is None
 
     def stop(self, seconds: float = 20.0) -> None:
-        """SIGTERM to the process group, SIGKILL after `seconds`; waits for the leader."""
-        for sig, wait in ((signal.SIGTERM, seconds), (signal.SIGKILL, 10.0)):
+        """SIGTERM to the process group and to every descendant (a worker's flow runs have
+        sessions of their own), SIGKILL to what is left after `seconds`."""
+        import psutil
+
+        try:
+            leader = psutil.Process(self.process.pid)
+            family = [leader, *leader.children(recursive=True)]
+        except psutil.Error:
+            family = []
+        family += [p for p in _group(self.process.pid) if p not in family]
+        for sig in (signal.SIGTERM, signal.SIGKILL):
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.process.pid, sig)  # the leader's pid is the group's id
-            try:
-                self.process.wait(timeout=wait)
-            except subprocess.TimeoutExpired:
-                continue
-            # the group may outlive its leader a moment (uvicorn workers)
-            deadline = time.monotonic() + wait
-            while _group_exists(self.process.pid) and time.monotonic() < deadline:
+            for process in family:
+                with contextlib.suppress(psutil.Error):
+                    process.send_signal(sig)
+            deadline = time.monotonic() + (seconds if sig == signal.SIGTERM else 10.0)
+            while family and time.monotonic() < deadline:
+                self.process.poll()  # reap the leader
+                family = [p for p in family if _running(p)]  # zombies count as gone
                 time.sleep(0.1)
-            if not _group_exists(self.process.pid):
-                return
+            if not family:
+                break
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(timeout=5)  # reap it
 
     def tail(self, lines: int = 80) -> str:
         text = self.log.read_text(errors="replace") if self.log.exists() else ""
         return "".join(text.splitlines(keepends=True)[-lines:])
 
 
-def _group_exists(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # zombies count for killpg; psutil tells them apart
+def _group(pgid: int) -> list[Any]:
     import psutil
 
+    found = []
     for process in psutil.process_iter():
         with contextlib.suppress(psutil.Error, OSError):
-            if os.getpgid(process.pid) == pgid and process.status() != psutil.STATUS_ZOMBIE:
-                return True
-    return False
+            if os.getpgid(process.pid) == pgid:
+                found.append(process)
+    return found
+
+
+def _running(process: Any) -> bool:
+    import psutil
+
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 class Services:
@@ -269,8 +283,15 @@ def start_worker(started: Services, pool: str, workspace: Path, env: dict[str, s
     )
 
 
-def wait_for_pool(api: str, pool: str, seconds: float = 120.0, worker: bool = False) -> None:
-    """Until the work pool exists (and, with `worker`, has an online worker)."""
+def wait_for_pool(
+    api: str,
+    pool: str,
+    seconds: float = 120.0,
+    worker: bool = False,
+    give_up: Callable[[], bool] | None = None,
+) -> bool:
+    """Until the work pool exists (and, with `worker`, has an online worker); False if
+    `give_up()` turned true first."""
     from prefect.client.orchestration import SyncPrefectClient
     from prefect.exceptions import ObjectNotFound
 
@@ -279,11 +300,11 @@ def wait_for_pool(api: str, pool: str, seconds: float = 120.0, worker: bool = Fa
         while time.monotonic() < deadline:
             with contextlib.suppress(ObjectNotFound):
                 client.read_work_pool(pool)
-                if not worker or any(
-                    w.status == "ONLINE" for w in client.read_workers_for_work_pool(pool)
-                ):
-                    return
-            time.sleep(0.5)
-    raise TimeoutError(
-        f"work pool {pool!r}{' has no online worker' if worker else ''} after {seconds:g} s"
-    )
+                workers = client.read_workers_for_work_pool(pool) if worker else []
+                if not worker or any(w.status == "ONLINE" for w in workers):
+                    return True
+            if give_up is not None and give_up():
+                return False
+            time.sleep(0.3)
+    missing = " an online worker" if worker else ""
+    raise TimeoutError(f"work pool {pool!r} without{missing} after {seconds:g} s")

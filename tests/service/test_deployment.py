@@ -83,8 +83,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory, module_processes: Services) 
         text=True,
     )
     try:
-        wait_for_pool(api, POOL)  # created by `rlhf deploy`; the worker starts meanwhile
-        start_worker(module_processes, POOL, workspace, env)
+        # `rlhf deploy` creates the pool; the worker starts while it registers the deployments
+        if wait_for_pool(api, POOL, give_up=lambda: deploy.poll() is not None):
+            start_worker(module_processes, POOL, workspace, env)
         output, _ = deploy.communicate(timeout=300)
     finally:
         if deploy.poll() is None:

@@ -46,6 +46,8 @@ def test_a_stage_logs_its_run_to_an_mlflow_server(
             "127.0.0.1",
             "--port",
             str(port),
+            "--workers",
+            "1",
         ],
         cwd=server_dir,
         env=env | {"MLFLOW_DISABLE_TELEMETRY": "true"},
@@ -58,7 +60,6 @@ def test_a_stage_logs_its_run_to_an_mlflow_server(
     metrics = prepare(params)
 
     client = mlflow.MlflowClient(tracking_uri=uri)
-    assert client._tracking_client.store.__class__.__name__ == "RestStore"
     experiment = client.get_experiment_by_name(params.tracking.experiment)
     assert experiment is not None
     (run,) = client.search_runs([experiment.experiment_id])
@@ -77,4 +78,5 @@ def test_a_stage_logs_its_run_to_an_mlflow_server(
     fetched = Path(client.download_artifacts(run.info.run_id, "stats.json", str(workdir)))
     assert json.loads(fetched.read_text()) == json.loads(local.read_text())
     assert list((server_dir / "artifacts").rglob("stats.json"))
+    assert (server_dir / "mlflow.db").is_file()
     assert not (workdir / "mlflow.db").exists() and not (workdir / "mlruns").exists()
