@@ -168,15 +168,15 @@ def _dvc(
 
 
 def mlflow_runs(project: dict[str, Any]) -> list[Any]:
+    """The stage runs, oldest first (not evaluate's per-policy child runs)."""
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri=project["env"]["MLFLOW_TRACKING_URI"])
     experiment = client.get_experiment_by_name("rlhf")
     if experiment is None:
         return []
-    return list(
-        client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
-    )
+    found = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
+    return [run for run in found if "mlflow.parentRunId" not in run.data.tags]
 
 
 def outputs(project: dict[str, Any], name: str | None = None) -> list[str]:
@@ -316,8 +316,7 @@ def test_a_dpo_param_change_reruns_only_dpo(project: dict[str, Any]):
     assert dvc_json(project, "status") == {}
 
     new_runs = mlflow_runs(project)[runs_before:]
-    stage_runs = [r for r in new_runs if "mlflow.parentRunId" not in r.data.tags]  # not evaluate/*
-    assert sorted(r.info.run_name for r in stage_runs) == sorted(rerun)
+    assert sorted(r.info.run_name for r in new_runs) == sorted(rerun)
     assert {r.info.status for r in new_runs} == {"FINISHED"}
     (dpo_run,) = [r for r in new_runs if r.info.run_name == "dpo"]
     assert float(dpo_run.data.params["dpo.trainer.beta"]) == beta
