@@ -104,3 +104,47 @@ def tasks_log() -> Iterator[list[str]]:
         yield messages
     finally:
         logger.removeHandler(handler)
+
+
+def mlflow_client(root: Path) -> Any:
+    """A client of the MLflow SQLite store a stage run in `root` wrote."""
+    import mlflow
+
+    return mlflow.MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+
+
+def stage_runs(root: Path, name: str | None = None) -> list[Any]:
+    """MLflow runs (called `name`) in experiment `rlhf` of `root`'s store, oldest first."""
+    client = mlflow_client(root)
+    experiment = client.get_experiment_by_name("rlhf")
+    if experiment is None:
+        return []
+    found = client.search_runs(
+        [experiment.experiment_id],
+        filter_string=f"attributes.run_name = '{name}'" if name else "",
+        order_by=["attributes.start_time ASC"],
+    )
+    return list(found)
+
+
+def prepare_small(root: Path) -> None:
+    """Run `prepare` in `root` with the small sizes, logging to `root`'s own MLflow store."""
+    from flows.prepare import prepare
+    from tasks.config import load_params
+    from tests.sizes import SMALL
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(root)
+        patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+        prepare(load_params(write_params(root / "params.yaml", SMALL)))
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """Tiny models gain nothing from a second thread on a busy 2-core machine."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

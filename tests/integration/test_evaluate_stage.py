@@ -24,11 +24,11 @@ import torch
 
 from tasks.config import load_params
 from tasks.evaluate import METRICS, best_policy
-from tests.conftest import write_params
+from tests.conftest import mlflow_client, prepare_small, stage_runs, write_params
 from tests.integration.test_ppo_stage import build_models
 from tests.sizes import SMALL
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 REPO = Path(__file__).resolve().parents[2]
 POLICIES = ("sft", "ppo", "dpo", "simpo")
@@ -48,38 +48,13 @@ QUESTION = "What is 3 plus 4?"
 # ---------------------------------------------------------------- helpers
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    """A tiny model gains nothing from a second thread on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def client(root: Path) -> Any:
-    import mlflow
-
-    return mlflow.MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
-
-
 def runs(root: Path, name: str = "evaluate") -> list[Any]:
-    """MLflow runs called `name` in experiment `rlhf` of `root`'s store, oldest first."""
-    experiment = client(root).get_experiment_by_name("rlhf")
-    if experiment is None:
-        return []
-    return list(
-        client(root).search_runs(
-            [experiment.experiment_id],
-            filter_string=f"attributes.run_name = '{name}'",
-            order_by=["attributes.start_time ASC"],
-        )
-    )
+    return stage_runs(root, name)
 
 
 def children(root: Path, parent: Any) -> dict[str, Any]:
     """{run name: run} of the runs nested under `parent`."""
-    found = client(root).search_runs(
+    found = mlflow_client(root).search_runs(
         [parent.info.experiment_id],
         filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'",
     )
@@ -134,14 +109,9 @@ def written(root: Path) -> dict[str, dict[str, float]]:
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory: pytest.TempPathFactory, prefect_server: None) -> Path:
     """data/prepared and models/{base,sft,reward_model,ppo,dpo,simpo}."""
-    from flows.prepare import prepare
-
     root = tmp_path_factory.mktemp("evaluate-inputs")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(root)
-        patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
-        prepare(load_params(write_params(root / "params.yaml", SMALL)))
-        build_models(root)
+    prepare_small(root)
+    build_models(root)
     models = root / "models"
     for name in ("ppo", "dpo", "simpo"):
         shutil.copytree(models / "sft", models / name)
@@ -253,7 +223,7 @@ def test_metrics_report_and_plots(evaluated) -> None:
 def test_mlflow_runs_artifacts_and_registry(evaluated, tmp_path: Path) -> None:
     root, _ = evaluated
     metrics = written(root)
-    mlflow_client = client(root)
+    store = mlflow_client(root)
 
     (stage,) = runs(root)
     assert stage.info.status == "FINISHED"
@@ -273,23 +243,21 @@ def test_mlflow_runs_artifacts_and_registry(evaluated, tmp_path: Path) -> None:
         assert run.data.metrics == pytest.approx(metrics[policy], rel=1e-6, abs=1e-9), policy
 
     # the stage run holds the report, the chart and the samples table
-    artifacts = {a.path for a in mlflow_client.list_artifacts(stage.info.run_id)}
+    artifacts = {a.path for a in store.list_artifacts(stage.info.run_id)}
     assert {"evaluate.md", "evaluate.png", "evaluate_samples.json"} <= artifacts
-    local = mlflow_client.download_artifacts(
-        stage.info.run_id, "evaluate_samples.json", str(tmp_path)
-    )
+    local = store.download_artifacts(stage.info.run_id, "evaluate_samples.json", str(tmp_path))
     table = json.loads(Path(local).read_text())
     columns = ["prompt"] + [
         f"{p}_{c}" for p in POLICIES for c in ("response", "reward", "ground_truth")
     ]
     assert table["columns"] == columns
     assert len(table["data"]) == 3  # num_samples_logged
-    png = Path(mlflow_client.download_artifacts(stage.info.run_id, "evaluate.png", str(tmp_path)))
+    png = Path(store.download_artifacts(stage.info.run_id, "evaluate.png", str(tmp_path)))
     assert png.read_bytes() == (root / "reports" / "evaluate.png").read_bytes()
 
     # the best policy, registered under the name from params, with its metrics and DVC hash
     best = best_policy({p: metrics[p] for p in POLICIES})  # in evaluate.policies' order
-    (version,) = mlflow_client.search_model_versions(f"name = '{REGISTERED}'")
+    (version,) = store.search_model_versions(f"name = '{REGISTERED}'")
     assert version.tags["rlhf.policy"] == best
     assert version.tags["dvc.md5"] == MD5[best]
     assert {k: v for k, v in version.tags.items() if k.startswith("metric.")} == {
@@ -300,10 +268,10 @@ def test_mlflow_runs_artifacts_and_registry(evaluated, tmp_path: Path) -> None:
     source = version.source.removeprefix("file://")
     assert source.endswith(f"{best_run.info.run_id}/artifacts/model"), source
     assert (Path(source) / "config.json").is_file()
-    logged = {a.path for a in mlflow_client.list_artifacts(best_run.info.run_id, "model")}
+    logged = {a.path for a in store.list_artifacts(best_run.info.run_id, "model")}
     assert "model/config.json" in logged and "model/model.safetensors" in logged
     for policy in set(POLICIES) - {best}:  # only the best one's weights are copied
-        assert mlflow_client.list_artifacts(nested[f"evaluate/{policy}"].info.run_id) == []
+        assert store.list_artifacts(nested[f"evaluate/{policy}"].info.run_id) == []
 
 
 # ---------------------------------------------------------------- determinism
@@ -357,7 +325,7 @@ def test_missing_policy_is_an_error_unless_unlisted(
     assert children(workdir, failed) == {}
     for output in ("metrics/evaluate.json", "plots/evaluate.json", "reports"):
         assert not (workdir / output).exists(), output
-    assert client(workdir).search_registered_models(f"name = '{REGISTERED}'") == []
+    assert mlflow_client(workdir).search_registered_models(f"name = '{REGISTERED}'") == []
     assert leftovers(workdir) == []
 
     policies = ["sft", "ppo", "simpo"]

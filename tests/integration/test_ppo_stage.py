@@ -12,7 +12,6 @@ import json
 import math
 import re
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +19,17 @@ import pytest
 import torch
 
 from tasks.config import load_params
-from tests.conftest import run_cli, tasks_log, write_params
+from tests.conftest import (
+    mlflow_client,
+    prepare_small,
+    run_cli,
+    stage_runs,
+    tasks_log,
+    write_params,
+)
 from tests.sizes import SMALL
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 REPO = Path(__file__).resolve().parents[2]
 ITERATIONS = 4
@@ -73,38 +79,13 @@ TRAJECTORY = ("score_first_quarter", "score_last_quarter", "kl_last_quarter", "k
 # ---------------------------------------------------------------- helpers
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    """A tiny model gains nothing from a second thread on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def client(root: Path) -> Any:
-    import mlflow
-
-    return mlflow.MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
-
-
 def runs(root: Path, name: str = "ppo") -> list[Any]:
-    """MLflow runs called `name` in experiment `rlhf` of `root`'s store, oldest first."""
-    experiment = client(root).get_experiment_by_name("rlhf")
-    if experiment is None:
-        return []
-    return list(
-        client(root).search_runs(
-            [experiment.experiment_id],
-            filter_string=f"attributes.run_name = '{name}'",
-            order_by=["attributes.start_time ASC"],
-        )
-    )
+    return stage_runs(root, name)
 
 
 def history(root: Path, run: Any, key: str) -> dict[int, float]:
     """{step: value} of a metric logged per iteration."""
-    return {m.step: m.value for m in client(root).get_metric_history(run.info.run_id, key)}
+    return {m.step: m.value for m in mlflow_client(root).get_metric_history(run.info.run_id, key)}
 
 
 def copy_inputs(src: Path, dst: Path) -> None:
@@ -138,14 +119,9 @@ def build_models(root: Path, nan_reward: bool = False) -> None:
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory: pytest.TempPathFactory, prefect_server: None) -> Path:
     """A directory with data/prepared and models/{base,sft,reward_model}."""
-    from flows.prepare import prepare
-
     root = tmp_path_factory.mktemp("ppo-inputs")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(root)
-        patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
-        prepare(load_params(write_params(root / "params.yaml", SMALL)))
-        build_models(root)
+    prepare_small(root)
+    build_models(root)
     return root
 
 
@@ -374,14 +350,14 @@ def test_stage_writes_outputs_and_logs_every_iteration(uninterrupted, tmp_path: 
     assert {k: run.data.metrics[k] for k in written} == pytest.approx(written)
 
     # sample tables: every sample_every iterations (indices 1 and 3), and the final policy's
-    mlflow_client = client(root)
-    top = {a.path for a in mlflow_client.list_artifacts(run.info.run_id)}
+    store = mlflow_client(root)
+    top = {a.path for a in store.list_artifacts(run.info.run_id)}
     assert "ppo_samples.json" in top
-    tables = sorted(a.path for a in mlflow_client.list_artifacts(run.info.run_id, "ppo_samples"))
+    tables = sorted(a.path for a in store.list_artifacts(run.info.run_id, "ppo_samples"))
     assert tables == ["ppo_samples/iteration_00001.json", "ppo_samples/iteration_00003.json"]
     scores = history(root, run, "objective/scores")
     for path, step in zip(tables, (1, 3), strict=True):
-        local = mlflow_client.download_artifacts(run.info.run_id, path, str(tmp_path))
+        local = store.download_artifacts(run.info.run_id, path, str(tmp_path))
         table = json.loads(Path(local).read_text())
         assert table["columns"] == ["iteration", "prompt", "response", "score"]
         assert len(table["data"]) == 8  # the whole rollout (8 episodes)

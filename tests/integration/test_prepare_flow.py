@@ -13,7 +13,7 @@ import pytest
 
 from tasks.config import STAGE_SECTIONS, load_params
 from tasks.tracking import flatten
-from tests.conftest import run_cli
+from tests.conftest import run_cli, stage_runs
 from tests.sizes import SMALL
 
 pytestmark = pytest.mark.slow
@@ -42,19 +42,7 @@ def bad_source(tmp_path: Path) -> dict[str, Any]:
 
 
 def runs(workdir: Path, name: str = "prepare") -> list[Any]:
-    """MLflow runs called `name` in the workdir's store, oldest first."""
-    import mlflow
-
-    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}")
-    experiment = client.get_experiment_by_name("rlhf")
-    if experiment is None:
-        return []
-    found = client.search_runs(
-        [experiment.experiment_id],
-        filter_string=f"attributes.run_name = '{name}'",
-        order_by=["attributes.start_time ASC"],
-    )
-    return list(found)
+    return stage_runs(workdir, name)
 
 
 def snapshot(*roots: Path) -> dict[str, str]:

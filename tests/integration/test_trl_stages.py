@@ -19,10 +19,17 @@ import pytest
 
 from tasks.config import load_params
 from tasks.trainers import REWARD_STATS, SUMMARY
-from tests.conftest import run_cli, tasks_log, write_params
+from tests.conftest import (
+    mlflow_client,
+    prepare_small,
+    run_cli,
+    stage_runs,
+    tasks_log,
+    write_params,
+)
 from tests.sizes import SMALL
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 REPO = Path(__file__).resolve().parents[2]
 STAGES = ("sft", "reward_model", "dpo", "simpo")
@@ -73,33 +80,17 @@ def run_stage(stage: str, params: Any) -> dict[str, float]:
     return flow(params)
 
 
-def client(root: Path) -> Any:
-    import mlflow
-
-    return mlflow.MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
-
-
 def runs(root: Path, name: str | None = None) -> list[Any]:
-    """MLflow runs (called `name`) in experiment `rlhf` of `root`'s store, oldest first."""
-    experiment = client(root).get_experiment_by_name("rlhf")
-    if experiment is None:
-        return []
-    return list(
-        client(root).search_runs(
-            [experiment.experiment_id],
-            filter_string=f"attributes.run_name = '{name}'" if name else "",
-            order_by=["attributes.start_time ASC"],
-        )
-    )
+    return stage_runs(root, name)
 
 
 def steps(root: Path, run: Any, key: str = "loss") -> list[int]:
     """Steps at which `key` was logged in `run`, ascending."""
-    return sorted(m.step for m in client(root).get_metric_history(run.info.run_id, key))
+    return sorted(m.step for m in mlflow_client(root).get_metric_history(run.info.run_id, key))
 
 
 def artifact_json(root: Path, run: Any, name: str, dst: Path) -> Any:
-    path = client(root).download_artifacts(run.info.run_id, name, str(dst))
+    path = mlflow_client(root).download_artifacts(run.info.run_id, name, str(dst))
     return json.loads(Path(path).read_text())
 
 
@@ -137,28 +128,11 @@ def copy_inputs(src: Path, dst: Path, *paths: str) -> None:
         shutil.copytree(src / rel, dst / rel)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    """A tiny model gains nothing from a second thread, and on a busy 2-core machine (the
-    Prefect server is another process) waiting for it makes each step several times slower."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory: pytest.TempPathFactory, prefect_server: None) -> Path:
     """A directory where `prepare` ran with the small sizes (its own MLflow store)."""
-    from flows.prepare import prepare
-
     root = tmp_path_factory.mktemp("prepared")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(root)
-        patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
-        prepare(load_params(write_params(root / "params.yaml", SMALL)))
+    prepare_small(root)
     return root
 
 
@@ -281,7 +255,7 @@ def test_stage_trains_saves_and_logs(trained, stage: str, tmp_path: Path):
         assert steps(root, run, key)[-1] == STEPS, key
 
     # artifacts: the resolved TRL config; a samples table for a policy
-    artifacts = {a.path for a in client(root).list_artifacts(run.info.run_id)}
+    artifacts = {a.path for a in mlflow_client(root).list_artifacts(run.info.run_id)}
     assert f"{stage}_trl_config.json" in artifacts
     config = artifact_json(root, run, f"{stage}_trl_config.json", tmp_path)
     assert config["output_dir"] == f"checkpoints/{stage}"
