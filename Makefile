@@ -28,7 +28,7 @@ pipeline: install
 	dvc repro
 
 test: install
-	pytest -q
+	pytest -q --durations=15
 
 lint: install
 	ruff check . && ruff format --check .

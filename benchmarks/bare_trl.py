@@ -5,9 +5,11 @@ prepared JSONL with `datasets.load_dataset("json")`, build the TRL config from t
 `trainer:` params, train, evaluate, save — with nothing around it: no Prefect, no MLflow
 (`report_to="none"`), no sample generation. It imports only torch, transformers, trl, datasets
 (and peft for LoRA), never the pipeline's `tasks/` package: `stage_overhead.py` reads params.yaml
-with `tasks.config.load_params` and hands this script a JSON job, e.g.
+with `tasks.params.load_params` and the stage's spec (tasks/stages.py: trainer, TRL config,
+dataset, head) and hands this script a JSON job, e.g.
 
-    {"stage": "sft", "model": "models/base", "revision": null, "trust_remote_code": false,
+    {"trainer_class": "trl:SFTTrainer", "config_class": "trl:SFTConfig", "dataset": "sft",
+     "head": "causal_lm", "model": "models/base", "revision": null, "trust_remote_code": false,
      "seed": 42, "device": "auto", "dtype": "auto", "lora": null,
      "prepared_dir": "data/prepared", "output_dir": "/tmp/x/checkpoints",
      "save_dir": "/tmp/x/final", "trainer": {"num_train_epochs": 3, "learning_rate": 0.003}}
@@ -26,14 +28,6 @@ import warnings
 from typing import Any
 
 _START = time.perf_counter()
-
-# stage → (trainer, config, prepared dataset) — the same classes tasks/trainers.py uses.
-STAGES = {
-    "sft": ("trl:SFTTrainer", "trl:SFTConfig", "sft"),
-    "reward_model": ("trl:RewardTrainer", "trl:RewardConfig", "preference"),
-    "dpo": ("trl:DPOTrainer", "trl:DPOConfig", "preference"),
-    "simpo": ("trl.experimental.cpo:CPOTrainer", "trl.experimental.cpo:CPOConfig", "preference"),
-}
 
 
 def _load(ref: str) -> Any:
@@ -61,8 +55,7 @@ def run(job: dict[str, Any]) -> dict[str, float]:
     )
 
     timings = {"import_s": time.perf_counter() - _START}
-    stage = job["stage"]
-    trainer_ref, config_ref, kind = STAGES[stage]
+    scorer = job["head"] == "scorer"  # a 1-label reward model, else a causal LM
     t0 = time.perf_counter()
     set_seed(job["seed"])
     cuda = job["device"] != "cpu" and torch.cuda.is_available()
@@ -74,14 +67,14 @@ def run(job: dict[str, Any]) -> dict[str, float]:
     tokenizer = AutoTokenizer.from_pretrained(job["model"], **kwargs)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    if stage == "reward_model":
+    if scorer:
         model = AutoModelForSequenceClassification.from_pretrained(
             job["model"], num_labels=1, dtype=dtype, **kwargs
         )
         model.config.pad_token_id = tokenizer.pad_token_id
     else:
         model = AutoModelForCausalLM.from_pretrained(job["model"], dtype=dtype, **kwargs)
-    args = _load(config_ref)(
+    args = _load(job["config_class"])(
         **job["trainer"],
         output_dir=job["output_dir"],
         report_to="none",
@@ -90,7 +83,10 @@ def run(job: dict[str, Any]) -> dict[str, float]:
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
     )
-    files = {split: f"{job['prepared_dir']}/{kind}/{split}.jsonl" for split in ("train", "eval")}
+    files = {
+        split: f"{job['prepared_dir']}/{job['dataset']}/{split}.jsonl"
+        for split in ("train", "eval")
+    }
     data = datasets.load_dataset("json", data_files=files)
     peft_config = None
     if job["lora"]:
@@ -102,9 +98,9 @@ def run(job: dict[str, Any]) -> dict[str, float]:
             lora_alpha=lora["alpha"],
             lora_dropout=lora["dropout"],
             target_modules=lora["target_modules"],
-            task_type="SEQ_CLS" if stage == "reward_model" else "CAUSAL_LM",
+            task_type="SEQ_CLS" if scorer else "CAUSAL_LM",
         )
-    trainer = _load(trainer_ref)(
+    trainer = _load(job["trainer_class"])(
         model=model,
         args=args,
         train_dataset=data["train"],

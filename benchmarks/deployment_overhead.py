@@ -1,7 +1,7 @@
 """What the deployment backend adds to a stage (budget: ≤ 5 s per stage over the local path
 against the same Prefect server).
 
-In a temporary git copy of the repository with tiny params (tests/service/stack.py: TINY), this
+In a temporary git copy of the repository with fast params (flows/testing.py: FAST), this
 starts its own Prefect server (own SQLite database) and a process worker on free ports of
 127.0.0.1, registers the deployments (`rlhf deploy`), builds the stage's inputs (its upstream
 stages, locally, untimed), then times `rlhf stage <stage>` from process start to exit, for each
@@ -35,10 +35,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from datetime import datetime
 from pathlib import Path
@@ -47,17 +45,24 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from ruamel.yaml import YAML  # noqa: E402
-
-from tests.service.stack import (  # noqa: E402
-    BIN,
+from benchmarks.harness import (  # noqa: E402
+    markdown_table,
+    medians,
+    parse_args,
+    run_logged,
+    scratch_dir,
+)
+from flows.deployment import BIN  # noqa: E402
+from flows.testing import (  # noqa: E402
     clean_env,
     copy_repo,
     services,
     start_prefect_server,
     start_worker,
+    upstream,
     wait_for_pool,
 )
+from tasks.stages import STAGES  # noqa: E402
 
 POOL = "bench"
 COLUMNS = (  # (key, header) of the Markdown table
@@ -77,32 +82,25 @@ COLUMNS = (  # (key, header) of the Markdown table
 
 
 def main(argv: list[str] | None = None) -> int:
-    stages = list(YAML(typ="safe").load(REPO / "dvc.yaml")["stages"])
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    stages = [spec.name for spec in STAGES]
     parser.add_argument("--stage", choices=stages, default="prepare", help="default: prepare")
-    parser.add_argument("--repeats", type=int, default=3, help="pairs of runs (default: 3)")
-    parser.add_argument("--json", type=Path, metavar="OUT", help="also write the results here")
-    parser.add_argument("--keep", action="store_true", help="keep the temporary copy and logs")
-    args = parser.parse_args(argv)
-    if args.repeats < 1:
-        parser.error("--repeats: must be at least 1")
-    if not (BIN / "rlhf").is_file():
-        parser.error(f"no `rlhf` next to {sys.executable}: run with the project's .venv/bin/python")
+    args = parse_args(parser, argv, repeats="pairs of runs")
 
-    root = Path(tempfile.mkdtemp(prefix="rlhf-deployment-overhead-"))
-    workspace = copy_repo(root / "repo")
-    env = clean_env(workspace, root)
-    failed = True
-    try:
-        with services(root / "logs") as started:
+    with scratch_dir("rlhf-deployment-overhead-", args.keep) as root:
+        workspace = copy_repo(root / "repo")
+        env = clean_env(workspace, root)
+        logs = root / "logs"
+        with services(logs) as started:
             env["PREFECT_API_URL"] = start_prefect_server(started, root, env)
-            _run([str(BIN / "rlhf"), "deploy", "--pool", POOL], workspace, env, root, "deploy")
+            deploy = [str(BIN / "rlhf"), "deploy", "--pool", POOL]
+            run_logged(deploy, workspace, env, logs / "deploy.log")
             start_worker(started, POOL, workspace, env)
             wait_for_pool(env["PREFECT_API_URL"], POOL, worker=True)
-            for upstream in _upstream(args.stage, stages):  # untimed
-                _run([str(BIN / "rlhf"), "stage", upstream], workspace, env, root, upstream)
+            for name in upstream(args.stage):  # untimed
+                run_logged([str(BIN / "rlhf"), "stage", name], workspace, env, logs / f"{name}.log")
             runs = []
             for repeat in range(1, args.repeats + 1):
                 order = ("local", "deployment") if repeat % 2 else ("deployment", "local")
@@ -124,49 +122,12 @@ def main(argv: list[str] | None = None) -> int:
             "cores": os.cpu_count(),
             "load_after": os.getloadavg(),
             "runs": runs,
-            "median": {key: statistics.median(run[key] for run in runs) for key, _ in COLUMNS},
+            "median": medians(runs, COLUMNS),
         }
         print(_markdown(report))
         if args.json:
             args.json.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-        failed = False
-        return 0
-    finally:
-        if args.keep or failed:
-            print(f"copy and logs kept in {root}", file=sys.stderr)
-        else:
-            import shutil
-
-            shutil.rmtree(root, ignore_errors=True)
-
-
-def _upstream(stage: str, stages: list[str]) -> list[str]:
-    """The stages whose outputs `stage` needs, directly or not, in dvc.yaml's order."""
-    spec = YAML(typ="safe").load(REPO / "dvc.yaml")["stages"]
-
-    def outs(name: str) -> list[str]:
-        return [o if isinstance(o, str) else next(iter(o)) for o in spec[name].get("outs", [])]
-
-    needed: set[str] = set()
-    todo = [stage]
-    while todo:
-        deps = spec[todo.pop()].get("deps", [])
-        for other in stages:
-            if other not in needed and any(
-                d == o or d.startswith(o + "/") for d in deps for o in outs(other)
-            ):
-                needed.add(other)
-                todo.append(other)
-    return [name for name in stages if name in needed]
-
-
-def _run(cmd: list[str], cwd: Path, env: dict[str, str], root: Path, name: str) -> None:
-    log = root / "logs" / f"{name}.log"
-    with log.open("w") as out:
-        done = subprocess.run(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT)
-    if done.returncode:
-        tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-30:])
-        raise SystemExit(f"{' '.join(cmd)} failed ({done.returncode}), see {log}:\n{tail}")
+    return 0
 
 
 def _time(
@@ -243,21 +204,17 @@ def _markdown(report: dict[str, Any]) -> str:
             return f"{value:.2f}"
         return f"{value:+.1f}" if key == "difference_s" else f"{value:.1f}"
 
-    lines = [
-        f"### `rlhf stage {report['stage']}`: deployment backend vs local, same Prefect server",
-        "",
-        f"{report['cores']} cores; seconds, process start to exit; budget: difference ≤ 5 s. "
-        f"Load average after: {' / '.join(f'{x:.2f}' for x in report['load_after'])} (1/5/15 min).",
-        "",
-        "| repeat | " + " | ".join(header for _, header in COLUMNS) + " |",
-        "|---" * (len(COLUMNS) + 1) + "|",
-    ]
-    for run in report["runs"]:
-        cells = " | ".join(cell(key, run[key]) for key, _ in COLUMNS)
-        lines.append(f"| {run['repeat']} | {cells} |")
-    median = " | ".join(cell(key, report["median"][key]) for key, _ in COLUMNS)
-    lines.append(f"| **median** | {median} |")
-    return "\n".join(lines)
+    return "\n".join(
+        [
+            f"### `rlhf stage {report['stage']}`: deployment backend vs local, same Prefect server",
+            "",
+            f"{report['cores']} cores; seconds, process start to exit; budget: difference ≤ 5 s. "
+            f"Load average after: {' / '.join(f'{x:.2f}' for x in report['load_after'])} "
+            "(1/5/15 min).",
+            "",
+            *markdown_table(report, COLUMNS, cell),
+        ]
+    )
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ def measure(workdir: Path, params_file: Path, iterations: int) -> dict[str, floa
     os.chdir(workdir)
     sys.path.insert(0, str(REPO))
     import flows  # noqa: F401  (offline defaults)
-    from tasks.config import load_params
+    from tasks.params import load_params
     from tasks.ppo.run import setup
     from tasks.ppo.train import rollout, update
 
@@ -70,14 +70,11 @@ def measure(workdir: Path, params_file: Path, iterations: int) -> dict[str, floa
 
 def build_large(root: Path) -> Path:
     """A temp workspace with the synthetic data and an untrained ~25M model as sft + reward."""
-    from ruamel.yaml import YAML
+    sys.path.insert(0, str(REPO))
+    from flows.testing import write_params
 
-    yaml = YAML()
-    tree = yaml.load(REPO / "params.yaml")
-    tree["model"]["tiny"].update(LARGE)
-    params_file = root / "params.yaml"
-    with params_file.open("w") as out:
-        yaml.dump(tree, out)
+    large = {f"model.tiny.{key}": value for key, value in LARGE.items()}
+    params_file = write_params(root / "params.yaml", large)
     env = os.environ | {"MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}"}
     rlhf = [str(REPO / ".venv" / "bin" / "rlhf"), "stage", "prepare", "--params", str(params_file)]
     subprocess.run(rlhf, cwd=root, env=env, check=True, capture_output=True)

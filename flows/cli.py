@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import logging
+import os
+import signal
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
-from tasks.config import MODELS_DIR, POLICIES, STAGES, load_params
+from tasks.errors import MissingInput, ParamsError, Terminated, TrainingDiverged, UserError
+from tasks.params import check_trainers, load_params, locate
+from tasks.stages import MODELS_DIR, POLICIES, STAGE, STAGES, producer
 
 EXAMPLES = """examples:
   rlhf stage prepare                      run one stage in-process (as `dvc repro` does)
@@ -28,8 +32,9 @@ EXAMPLES = """examples:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="rlhf",
-        description="Reproducible RLHF pipeline: prepare → sft → reward_model → "
-        "ppo / dpo / simpo → evaluate.",
+        description="Reproducible RLHF pipeline, stage by stage: "
+        + ", ".join(spec.name for spec in STAGES)
+        + ".",
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -39,12 +44,17 @@ def main(argv: list[str] | None = None) -> int:
     stage = commands.add_parser(
         "stage",
         help="run one pipeline stage",
-        epilog=EXAMPLES,
+        epilog="stages:\n"
+        + "".join(f"  {spec.name:<14}{spec.description}\n" for spec in STAGES)
+        + "\n"
+        + EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Run one stage's Prefect flow: load params, open the stage's MLflow run, "
         "write models/<stage>/ and metrics/<stage>.json.",
     )
-    stage.add_argument("name", choices=available_stages(), help="the stage to run")
+    stage.add_argument(
+        "name", choices=[spec.name for spec in STAGES], metavar="NAME", help="a stage (below)"
+    )
     stage.add_argument(
         "--params",
         type=Path,
@@ -94,27 +104,77 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--mlflow-port", type=int, default=5000)
     up.add_argument("--worker", metavar="POOL", help="also start a process worker on POOL")
     up.set_defaults(run=lambda a: _services().up(a.prefect_port, a.mlflow_port, a.worker) or 0)
-    down = commands.add_parser("down", help="stop what `rlhf up` started")
+    down = commands.add_parser(
+        "down", help="stop what `rlhf up` started, and the stages' shared Prefect server"
+    )
     down.set_defaults(run=lambda a: _services().down() or 0)
+    serve = commands.add_parser("warm-serve")  # flows/warm.py starts it: no help, no user's
+    serve.add_argument("state_dir", type=Path)
+    serve.add_argument("key")
+    serve.set_defaults(run=_warm_serve)
 
     args = parser.parse_args(argv)
-    if not args.debug:
-        _hide_tracebacks()
+    args.argv = sys.argv[1:] if argv is None else argv  # as given: a warm start runs it again
     try:
         return args.run(args)
-    except Exception as exc:  # every error ends as one line unless --debug
+    except UserError as exc:  # already phrased for the user: one line
         if args.debug:
             raise
-        print(f"rlhf: error: {_one_line(exc)}", file=sys.stderr)
+        if not (isinstance(exc, TrainingDiverged) and int(os.environ.get("RANK", "0")) > 0):
+            # (every rank stops on a divergence together: rank 0 says it once)
+            print(f"rlhf: error: {_located(exc, getattr(args, 'params', None))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("rlhf: interrupted", file=sys.stderr)
         return 130
+    except Terminated as exc:  # SIGTERM: a worker cancelling the run, `docker stop`
+        print(f"rlhf: stopped by {exc}: {_kept(args)}", file=sys.stderr)
+        return 128 + signal.SIGTERM
+    except Exception as exc:  # a bug, or a library's error we did not foresee
+        if args.debug:
+            raise
+        text = (str(exc).strip().splitlines() or [""])[0]
+        print(
+            f"rlhf: internal error: {type(exc).__name__}: {text} "
+            "(rerun with `rlhf --debug ...` for the traceback)",
+            file=sys.stderr,
+        )
+        return 1
 
 
-def available_stages() -> list[str]:
-    """Stages that have a flow module (the pipeline grows one stage at a time)."""
-    return [name for name in STAGES if importlib.util.find_spec(f"flows.{name}") is not None]
+def _terminate(signum: int, _: Any) -> None:
+    raise Terminated(signal.Signals(signum).name)
+
+
+def _end_with_launcher() -> None:
+    """Under `dvc repro`, `torchrun` or `accelerate launch` (our parent), a killed parent takes
+    the stage with it: Linux sends us SIGTERM when the parent dies (PR_SET_PDEATHSIG), and the
+    stage stops as on any SIGTERM. torchrun starts its ranks in sessions of their own, so a
+    `kill -9` of it would otherwise leave them training. Not for other parents: `nohup rlhf
+    stage ppo &` from a shell outlives the shell on purpose."""
+    import ctypes
+
+    import psutil
+
+    if sys.platform != "linux":
+        return
+    elastic = "TORCHELASTIC_RUN_ID" in os.environ  # a rank of torchrun / accelerate launch
+    try:
+        parent = psutil.Process(os.getppid())
+        if not elastic and not any(Path(arg).name == "dvc" for arg in parent.cmdline()[:2]):
+            return
+    except psutil.Error:
+        return
+    ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    if os.getppid() != parent.pid:  # the parent died before the call: nothing would tell us
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _kept(args: argparse.Namespace) -> str:
+    """What a stopped command left: a stage keeps its checkpoints and no partial output."""
+    if args.command != "stage" or STAGE[args.name].kind not in ("trl", "ppo"):
+        return "nothing was written"
+    return f"no output was written; a rerun resumes from checkpoints/{args.name}/ if one was saved"
 
 
 def stage_flow(name: str) -> Callable:
@@ -123,32 +183,56 @@ def stage_flow(name: str) -> Callable:
 
 
 def run_stage(args: argparse.Namespace) -> int:
+    from flows import warm
     from flows.deployment import backend, run_on_worker
+    from flows.prefect_server import STATE_DIR, shared_prefect
 
-    # Fail fast on a bad file, before Prefect starts. The deployment backend skips the TRL check
-    # of the `trainer:` sections: it would import torch here only to send the run to a worker.
-    params = load_params(args.params, trainers=False)
-    if backend(params) == "local":
-        params = load_params(args.params)
+    # What can be checked without torch or Prefect fails here, in a second.
+    signal.signal(signal.SIGTERM, _terminate)  # a warm start forwards it to its fork
+    _end_with_launcher()
+    params = load_params(args.params)
+    _check_inputs(args.name, params)
     start = time.perf_counter()
     if backend(params) == "deployment":
+        _prefect_console(args.debug)
         run_on_worker(args.name, params)
         print(f"rlhf: {args.name} done on the worker in {time.perf_counter() - start:.1f}s")
         return 0
-    metrics = stage_flow(args.name)(params)
+    warm.prestart(STATE_DIR)  # imports while the Prefect server starts, for this stage or the next
+    with shared_prefect():  # before Prefect loads its settings
+        if "prefect" in sys.modules:  # imported early (a caller in-process): load them again
+            import prefect.context
+
+            prefect.context.refresh_global_settings_context()
+        if (code := warm.delegate(["rlhf", *args.argv], STATE_DIR)) is not None:
+            return code  # the warm fork ran all of this command, cheap checks included
+        # Not on the worker path: it imports TRL, seconds spent only to send the run away.
+        check_trainers(params, args.params, stages=(args.name,))
+        _prefect_console(args.debug)
+        from prefect import tags
+
+        from tasks.tracking import process_tag
+
+        with tags(process_tag()):  # the next start crashes it if this process dies
+            metrics = stage_flow(args.name)(params)
     summary = ", ".join(f"{key}={value:.4g}" for key, value in list(metrics.items())[:6])
-    print(f"rlhf: {args.name} done in {time.perf_counter() - start:.1f}s: {summary}")
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, once
+        print(f"rlhf: {args.name} done in {time.perf_counter() - start:.1f}s: {summary}")
     return 0
 
 
 def run_generate(args: argparse.Namespace) -> int:
+    from tasks.models import locate as locate_model
+
+    # No flow runs here: Prefect (imported with the generation code) has nothing to send.
+    os.environ.setdefault("PREFECT_LOGGING_TO_API_ENABLED", "false")
+
     params = load_params(args.params)
     models = [MODELS_DIR / name for name in POLICIES] if args.compare else [args.model]
     models = [path for path in models if not args.compare or (path / "config.json").is_file()]
     if not models:
-        raise FileNotFoundError(f"{MODELS_DIR}: no trained policy yet (run `dvc repro`)")
-    if not (models[0] / "config.json").is_file():  # before the slow imports
-        raise FileNotFoundError(f"{models[0]}: no model here (run its stage with `dvc repro`)")
+        raise MissingInput(f"{MODELS_DIR}: no trained policy yet; run `dvc repro`")
+    locate_model(models[0])  # a missing model fails before the slow imports
     import torch
 
     from tasks.generation import generate_texts, load_policy, render_prompts
@@ -192,13 +276,23 @@ def _services() -> ModuleType:
     return flows.services
 
 
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    from flows.deployment import StageFailed
+def _warm_serve(args: argparse.Namespace) -> int:
+    """The warm process (flows/warm.py); each fork runs `main` and flushes what it owes."""
+    from flows import warm
 
-    if isinstance(exc, (ValueError, OSError, FloatingPointError, StageFailed)) and text:
-        return text  # our errors are already phrased for the user
-    return f"{type(exc).__name__}: {text} (run `rlhf --debug ...` for the traceback)"
+    def run_and_flush(argv: list[str]) -> int:
+        code = main(argv)
+        flush()
+        return code
+
+    return warm.serve(args.state_dir, args.key, run_and_flush)
+
+
+def _located(exc: UserError, params_file: Path | None) -> str:
+    """The message; a params error raised after loading also names the file and line."""
+    if isinstance(exc, ParamsError) and exc.key and params_file is not None:
+        return f"{locate(params_file, exc.key)}: {exc}"
+    return str(exc)
 
 
 class _ConsoleErrorsOnce(logging.Filter):
@@ -211,13 +305,54 @@ class _ConsoleErrorsOnce(logging.Filter):
         return record.levelno < logging.ERROR and "in state Failed" not in record.getMessage()
 
 
-def _hide_tracebacks() -> None:
+def _prefect_console(debug: bool) -> None:
+    """Prefect's logging, its repeated error reports left out of the console unless --debug."""
     from prefect.logging.configuration import setup_logging
 
     setup_logging()
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(_ConsoleErrorsOnce())
+    if not debug:
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(_ConsoleErrorsOnce())
+
+
+def _check_inputs(stage: str, params: Any) -> None:
+    """The outputs of other stages that `stage` reads exist (evaluate: those of the listed
+    policies), and local raw data parses: a missing or malformed file is one line at once."""
+    spec = STAGE[stage]
+    models = {*params.evaluate.policies, "reward_model"} if spec.kind == "evaluate" else None
+    for path in spec.inputs:
+        listed = models is None or not path.startswith("models/") or path[7:] in models
+        if path != "data/raw" and listed and not Path(path).exists():
+            raise MissingInput(f"{path}: missing; run `dvc repro {producer(path)}`")
+    if spec.kind == "prepare" and params.data.source == "local":
+        from tasks.data import read_local
+
+        for kind in ("sft", "preference", "prompts"):
+            if (source := getattr(params.data, kind).path) is not None:
+                read_local(Path(source))
+
+
+def run() -> None:
+    """The `rlhf` command: `main`, then a quick exit. Prefect's logs and events and the
+    standard streams are flushed; the interpreter's teardown of torch, Prefect and MLflow,
+    seconds per stage with nothing left to do, is skipped."""
+    code = main()
+    flush()
+    os._exit(code)
+
+
+def flush() -> None:
+    """What the process still owes others: Prefect's logs and events, the standard streams
+    (MLflow's queued metrics were flushed when the stage's run ended)."""
+    if "prefect" in sys.modules:
+        from prefect.events.worker import EventsWorker
+        from prefect.logging.handlers import APILogWorker
+
+        APILogWorker.drain_all(timeout=10)
+        EventsWorker.drain_all(timeout=10)
+    sys.stdout.flush()
+    sys.stderr.flush()
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

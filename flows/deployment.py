@@ -17,21 +17,18 @@ from uuid import UUID
 
 from ruamel.yaml import YAML
 
-from tasks.config import Params
+from tasks.errors import StageFailed, UserError
 from tasks.lineage import pipeline_id
+from tasks.params import Params
 
 BIN = Path(sys.executable).parent
-
-
-class StageFailed(RuntimeError):
-    """A deployment run that failed, crashed, was cancelled or timed out (message for the user)."""
 
 
 def backend(params: Params) -> str:
     """$RLHF_ORCHESTRATION, else `orchestration.backend` (untracked: switching rebuilds nothing)."""
     choice = os.environ.get("RLHF_ORCHESTRATION") or params.orchestration.backend
     if choice not in ("local", "deployment"):
-        raise ValueError(f"RLHF_ORCHESTRATION={choice!r}: expected 'local' or 'deployment'")
+        raise UserError(f"RLHF_ORCHESTRATION={choice!r}: expected 'local' or 'deployment'")
     return choice
 
 
@@ -43,7 +40,7 @@ def run_on_worker(stage: str, params: Params) -> None:
     from prefect.settings import PREFECT_API_URL
 
     if not PREFECT_API_URL.value():
-        raise ValueError(
+        raise UserError(
             "RLHF_ORCHESTRATION=deployment needs a Prefect server: set PREFECT_API_URL "
             "(`rlhf up` starts one and prints it)"
         )
@@ -178,7 +175,7 @@ def deploy(pool: str) -> None:
     from prefect.settings import PREFECT_API_URL
 
     if not PREFECT_API_URL.value():  # else a temporary server would get them, and forget them
-        raise ValueError(
+        raise UserError(
             "rlhf deploy needs a Prefect server: set PREFECT_API_URL "
             "(`rlhf up` starts one and prints it)"
         )

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from prefect import flow
 
-from tasks.config import METRICS_DIR, PLOTS_DIR, REPORTS_DIR, Params
-from tasks.evaluate import answer, best_policy, compare, policy_dir, publish, samples_table
+from tasks.evaluate import answer, best_policy, check_policies, compare, publish, samples_table
 from tasks.generation import eval_prompts
 from tasks.io import atomic_dir, write_json
+from tasks.params import Params
 from tasks.report import plot_rows, write_report
-from tasks.tracking import stage_run
+from tasks.stages import METRICS_DIR, PLOTS_DIR, REPORTS_DIR
+from tasks.tracking import prefect_markdown, stage_run
 
 
 @flow(name="evaluate")
@@ -17,8 +18,7 @@ def evaluate(params: Params) -> dict[str, float]:
     """Generate and judge per policy, compare, report, register the best policy."""
     cfg = params.evaluate
     with stage_run("evaluate", params):
-        for policy in (*cfg.policies, "reward_model"):
-            policy_dir(policy)  # a missing model fails now, not after the others were judged
+        check_policies(cfg.policies)
         prompts = eval_prompts(cfg.max_prompts)
         answers = {policy: answer(policy, params) for policy in cfg.policies}
         synthetic = params.data.source == "synthetic"
@@ -28,6 +28,7 @@ def evaluate(params: Params) -> dict[str, float]:
         with atomic_dir(REPORTS_DIR) as reports:  # renamed into place only if publishing worked
             write_report(metrics, best, reports)
             publish(metrics, best, reports, samples, params)
+        prefect_markdown("evaluate-report", (REPORTS_DIR / "evaluate.md").read_text())
         write_json(PLOTS_DIR / "evaluate.json", plot_rows(metrics))
         write_json(METRICS_DIR / "evaluate.json", metrics)
         key = "ground_truth_score" if synthetic else "reward_mean"

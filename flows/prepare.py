@@ -5,9 +5,10 @@ from __future__ import annotations
 import mlflow
 from prefect import flow
 
-from tasks.config import MODELS_DIR, PREPARED_DIR, Params
 from tasks.io import atomic_dir
+from tasks.params import Params
 from tasks.prepare import build_base_model, prepare_data
+from tasks.stages import MODELS_DIR, PREPARED_DIR
 from tasks.tracking import log_summary, stage_run
 
 

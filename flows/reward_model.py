@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from prefect import flow
 
-from tasks.config import Params
+from tasks.params import Params
 from tasks.tracking import log_summary, stage_run
 from tasks.trainers import train
 

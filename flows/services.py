@@ -15,6 +15,7 @@ from pathlib import Path
 import psutil
 
 from flows.deployment import BIN
+from tasks.errors import UserError
 
 STATE_DIR = Path(".rlhf")
 
@@ -23,8 +24,11 @@ def up(prefect_port: int, mlflow_port: int, worker_pool: str | None) -> None:
     """Start the services (those already running are left alone) and wait until they answer."""
     STATE_DIR.mkdir(exist_ok=True)
     for name, port in (("prefect", prefect_port), ("mlflow", mlflow_port)):
-        if not _running_pid(name) and _listening(port):  # another program's: it would answer
-            raise OSError(f"port {port} of 127.0.0.1 is in use: choose another with --{name}-port")
+        ours = _running_pid(STATE_DIR / f"{name}.pid")
+        if not ours and listening(port):  # another program's: it would answer
+            raise UserError(
+                f"port {port} of 127.0.0.1 is in use: choose another with --{name}-port"
+            )
     prefect_api = f"http://127.0.0.1:{prefect_port}/api"
     quiet = os.environ | {"PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     prefect = _start(
@@ -38,7 +42,7 @@ def up(prefect_port: int, mlflow_port: int, worker_pool: str | None) -> None:
             "--port",
             str(prefect_port),
         ],
-        quiet,
+        quiet | ui_api(prefect_api),
     )
     mlflow = _start(
         "mlflow",
@@ -59,6 +63,7 @@ def up(prefect_port: int, mlflow_port: int, worker_pool: str | None) -> None:
         quiet,
     )
     _wait(f"{prefect_api}/health", "prefect", prefect)
+    (STATE_DIR / "prefect.url").write_text(prefect_api)  # stages use it (flows/prefect_server.py)
     _wait(f"http://127.0.0.1:{mlflow_port}/health", "mlflow", mlflow)
     if worker_pool:
         # Poll for work every second (default 10 s): a stage should start promptly. The stages
@@ -81,31 +86,100 @@ def up(prefect_port: int, mlflow_port: int, worker_pool: str | None) -> None:
 
 
 def down(seconds: float = 15.0) -> None:
-    """Stop every service `rlhf up` started and wait until they are gone (their ports free): the
-    worker first (it would wait for the server), SIGTERM to each one's process group (the
-    service, its uvicorn workers) and to its other descendants (the worker's flow runs have
-    sessions of their own), SIGKILL to what is left after `seconds`."""
+    """`rlhf down`: stop what `rlhf up` and the stages started (`stop_recorded`)."""
+    stopped = stop_recorded(STATE_DIR, seconds)
+    print(f"rlhf: stopped {', '.join(stopped)}" if stopped else "rlhf: nothing was running")
+
+
+def stop_recorded(state_dir: Path, seconds: float = 15.0) -> list[str]:
+    """Stop every process recorded in `state_dir` — `rlhf up`'s services, the stages' shared
+    Prefect server and warm process — and wait until they are gone (their ports free): the
+    worker first (it would wait for the server), each with `stop_process_tree` (the service,
+    its uvicorn workers, the worker's flow runs), SIGKILL to what is left after `seconds`.
+    The names of those stopped."""
+    (state_dir / "prefect.url").unlink(missing_ok=True)
     order = {"worker": 0, "mlflow": 1, "prefect": 2}
     stopped = []
-    for pid_file in sorted(STATE_DIR.glob("*.pid"), key=lambda p: order.get(p.stem, -1)):
-        pid = _running_pid(pid_file.stem)
-        group = _group(pid) if pid else []
-        if pid and group:
-            _signal(pid, group, signal.SIGTERM)
-            deadline = time.monotonic() + seconds
-            while any(map(_alive, group)) and time.monotonic() < deadline:
-                time.sleep(0.2)
-            if any(map(_alive, group)):
-                _signal(pid, group, signal.SIGKILL)
+    for pid_file in sorted(state_dir.glob("*.pid"), key=lambda p: order.get(p.stem, -1)):
+        if pid := _running_pid(pid_file):
+            stop_process_tree(pid, seconds)
             stopped.append(pid_file.stem)
-        pid_file.unlink()
-    print(f"rlhf: stopped {', '.join(stopped)}" if stopped else "rlhf: nothing was running")
+        pid_file.unlink(missing_ok=True)
+    return stopped
+
+
+def stop_process_tree(pid: int, seconds: float) -> None:
+    """Stop process `pid` (started in a session of its own: its pid is its process group's id),
+    the rest of its group and its other descendants (a worker's flow runs have sessions of their
+    own), and wait until they are gone: SIGTERM to all of them, SIGKILL to what is left after
+    `seconds`. `rlhf down` and the services of the tests and benchmarks stop this way."""
+    family = process_family(pid)
+    for sig, wait in ((signal.SIGTERM, seconds), (signal.SIGKILL, 10.0)):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, sig)  # also reaches members that started after `family` was read
+        for process in family:
+            with contextlib.suppress(psutil.Error):
+                if alive(process):
+                    process.send_signal(sig)
+        deadline = time.monotonic() + wait
+        while (family := [p for p in family if alive(p)]) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if not family:
+            return
+
+
+def process_family(pid: int) -> list[psutil.Process]:
+    """Process `pid`, its descendants, and the other processes of process group `pid`."""
+    found: dict[int, psutil.Process] = {}
+    with contextlib.suppress(psutil.Error):
+        leader = psutil.Process(pid)
+        found = {process.pid: process for process in [leader, *leader.children(recursive=True)]}
+    for process in psutil.process_iter():
+        with contextlib.suppress(psutil.Error, OSError):
+            if os.getpgid(process.pid) == pid:
+                found.setdefault(process.pid, process)
+    return list(found.values())
+
+
+def exit_on_sigterm() -> None:
+    """A service's SIGTERM exits through its `finally` (its socket, URL and pid files go); a
+    repeat is ignored, or it would cut that cleaning short: `stop_process_tree` signals the
+    group and then each member, so a service gets two."""
+    import sys
+
+    def stop(*_: object) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        sys.exit(0)
+
+    signal.signal(signal.SIGTERM, stop)
+
+
+def alive(process: psutil.Process) -> bool:
+    """It runs (a zombie, exited but not yet reaped by its parent, counts as gone)."""
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 that nothing listens on (the OS picks it)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def listening(port: int) -> bool:
+    """Something accepts connections on `port` of 127.0.0.1."""
+    with socket.socket() as sock:
+        sock.settimeout(1.0)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
 def _start(name: str, command: list[str], env: dict[str, str]) -> subprocess.Popen | None:
     """Start `command` in a new session (its pid is the process group's id), its output in
     .rlhf/<name>.log; None if `rlhf up` started it before and it still runs."""
-    if pid := _running_pid(name):
+    if pid := _running_pid(STATE_DIR / f"{name}.pid"):
         print(f"rlhf: {name} already running (pid {pid})")
         return None
     log = (STATE_DIR / f"{name}.log").open("ab")
@@ -116,53 +190,17 @@ def _start(name: str, command: list[str], env: dict[str, str]) -> subprocess.Pop
     return process
 
 
-def _running_pid(name: str) -> int | None:
-    """The pid in .rlhf/<name>.pid if that process runs and is the one `rlhf up` started (not
-    a later process that reuses the pid: it would have started after the pid file was written)."""
-    pid_file = STATE_DIR / f"{name}.pid"
+def _running_pid(pid_file: Path) -> int | None:
+    """The pid in `pid_file` if that process runs and is the one that wrote it (not a later
+    process that reuses the pid: it would have started after the pid file was written)."""
     try:
         pid = int(pid_file.read_text())
         process = psutil.Process(pid)
-        if process.create_time() > pid_file.stat().st_mtime + 1.0 or not _alive(process):
+        if process.create_time() > pid_file.stat().st_mtime + 1.0 or not alive(process):
             return None
     except (OSError, ValueError, psutil.Error):
         return None
     return pid
-
-
-def _group(pgid: int) -> list[psutil.Process]:
-    """The processes of process group `pgid` and the descendants of its leader."""
-    found: dict[int, psutil.Process] = {}
-    with contextlib.suppress(psutil.Error):
-        leader = psutil.Process(pgid)
-        found = {process.pid: process for process in [leader, *leader.children(recursive=True)]}
-    for process in psutil.process_iter():
-        with contextlib.suppress(psutil.Error, OSError):
-            if os.getpgid(process.pid) == pgid:
-                found.setdefault(process.pid, process)
-    return list(found.values())
-
-
-def _signal(pgid: int, group: list[psutil.Process], sig: signal.Signals) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pgid, sig)
-    for process in group:
-        with contextlib.suppress(psutil.Error):
-            if _alive(process):
-                process.send_signal(sig)
-
-
-def _alive(process: psutil.Process) -> bool:
-    try:
-        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
-
-
-def _listening(port: int) -> bool:
-    with socket.socket() as sock:
-        sock.settimeout(1.0)
-        return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
 def _wait(url: str, name: str, process: subprocess.Popen | None, seconds: float = 60.0) -> None:
@@ -170,7 +208,7 @@ def _wait(url: str, name: str, process: subprocess.Popen | None, seconds: float 
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
-            raise OSError(
+            raise UserError(
                 f"{name} exited (code {process.returncode}) before answering on {url}: "
                 f"see {STATE_DIR}/{name}.log"
             )
@@ -179,6 +217,12 @@ def _wait(url: str, name: str, process: subprocess.Popen | None, seconds: float 
                 return
         except OSError:
             time.sleep(0.5)
-    raise TimeoutError(
+    raise UserError(
         f"{name} did not answer on {url} within {seconds:g} s (see {STATE_DIR}/{name}.log)"
     )
+
+
+def ui_api(url: str) -> dict[str, str]:
+    """The environment that makes a server's UI call its own API at `url`: by default the UI
+    calls $PREFECT_API_URL or port 4200, whatever `--port` the server was given."""
+    return {"PREFECT_API_URL": url, "PREFECT_UI_API_URL": url}

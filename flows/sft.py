@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from prefect import flow
 
-from tasks.config import Params
 from tasks.generation import log_samples
+from tasks.params import Params
 from tasks.tracking import log_summary, stage_run
 from tasks.trainers import train
 

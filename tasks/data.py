@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.config import DataSourceConfig
+from tasks.errors import DataError
 
 FIELDS = {
     "sft": ("prompt", "completion"),
@@ -35,10 +36,6 @@ _HH_TURN = re.compile(r"\n\n(Human|Assistant): ")
 # Fields that may hold message lists (before conversion: ShareGPT's `conversations` too).
 MESSAGE_FIELDS = ("prompt", "completion", "chosen", "rejected", "messages", "conversations")
 SHAREGPT_ROLES = {"human": "user", "gpt": "assistant"}  # published ShareGPT's speaker names
-
-
-class DataError(ValueError):
-    """A bad input example or file, phrased as one line naming file, line and field."""
 
 
 def read_local(path: Path) -> list[Row]:

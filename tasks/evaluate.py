@@ -16,10 +16,11 @@ import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.config import MODELS_DIR, Params
-from tasks.generation import eval_prompts, load_policy, render_prompts
-from tasks.models import device, dtype
-from tasks.ppo.rollout import TokenScorer, positions_from_mask, response_mask
+from tasks.errors import MissingInput
+from tasks.generation import decode_responses, eval_prompts, generate, load_policy, render_prompts
+from tasks.models import dtype, load_scorer, locate
+from tasks.params import Params
+from tasks.scoring import TokenScorer, final_scores, read_responses, response_logits, stop_ids
 
 log = logging.getLogger(__name__)
 
@@ -31,18 +32,20 @@ METRICS = (
     "response_length",
     "eos_rate",
     "ground_truth_score",
+    "ground_truth_correct",
+    "ground_truth_polite",
 )
 
 
-def policy_dir(policy: str) -> Path:
-    """models/<policy>, which must hold a model: a listed policy is never skipped silently."""
-    path = MODELS_DIR / policy
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(
-            f"{path}: policy '{policy}' is listed in evaluate.policies but has no model "
-            f"(run `dvc repro {policy}`, or remove it from evaluate.policies)"
-        )
-    return path
+def check_policies(policies: list[str]) -> None:
+    """Every listed policy, and the reward model, has a model: none is skipped silently, and a
+    missing one fails before the others were judged."""
+    for policy in (*policies, "reward_model"):
+        try:
+            locate(policy)
+        except MissingInput as exc:
+            hint = f" (or remove '{policy}' from evaluate.policies)" if policy in policies else ""
+            raise MissingInput(f"{exc}{hint}") from None
 
 
 @task(cache_policy=NO_CACHE)
@@ -51,37 +54,29 @@ def answer(policy: str, params: Params) -> dict[str, list[Any]]:
     reward-model score, its KL to SFT (nats, summed over tokens), its length and whether it
     ended with EOS."""
     cfg = params.evaluate
-    prompts = eval_prompts(cfg.max_prompts)
-    model, tokenizer = load_policy(policy_dir(policy), params)
-    reference = model if policy == "sft" else load_policy(policy_dir("sft"), params)[0]
-    reward = _reward_model(params, model.device)
-    stop_ids = sorted(
-        {tokenizer.eos_token_id, *_ids(model.generation_config.eos_token_id)} - {None}
-    )
-    sampling = (
-        {"do_sample": True, "temperature": cfg.temperature, "top_p": cfg.top_p, "top_k": 0}
-        if cfg.do_sample
-        else {"do_sample": False}
-    )
+    model, tokenizer = load_policy(policy, params)
+    reference = model if policy == "sft" else load_policy("sft", params)[0]
+    frozen = dtype(params.model.dtype, model.device)
+    reward = load_scorer("reward_model", params.model, frozen, tokenizer.pad_token_id)
+    reward = TokenScorer(reward.requires_grad_(False).eval()).to(model.device)
+    stops = stop_ids(tokenizer, model)
     torch.manual_seed(params.common.seed)  # every policy samples with the same seed
     rows: dict[str, list[Any]] = {"response": [], "score": [], "kl": [], "length": [], "eos": []}
-    rendered = render_prompts(prompts, tokenizer)
-    for start in range(0, len(rendered), cfg.batch_size):
-        batch = tokenizer(
-            rendered[start : start + cfg.batch_size], return_tensors="pt", padding=True
-        ).to(model.device)
+    prompts = render_prompts(eval_prompts(cfg.max_prompts), tokenizer)
+    batches = generate(
+        model,
+        tokenizer,
+        prompts,
+        cfg.batch_size,
+        max_new_tokens=cfg.max_new_tokens,
+        do_sample=cfg.do_sample,
+        temperature=cfg.temperature,
+        top_p=cfg.top_p,
+    )
+    for prompt_mask, sequences in batches:
         with torch.no_grad():
-            out = model.generate(
-                **batch,
-                max_new_tokens=cfg.max_new_tokens,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=stop_ids,
-                use_cache=True,
-                **sampling,
-            )
-            judged = _judge(model, reference, reward, out, batch["attention_mask"], stop_ids)
-        P = batch["input_ids"].shape[1]
-        rows["response"] += tokenizer.batch_decode(out[:, P:], skip_special_tokens=True)
+            judged = _judge(model, reference, reward, sequences, prompt_mask, stops)
+        rows["response"] += decode_responses(tokenizer, sequences, prompt_mask.shape[1])
         for key, values in judged.items():
             rows[key] += values.tolist()
     return rows
@@ -98,42 +93,21 @@ def _judge(
     """Per row of `[B, P+T]` sequences: reward score at the last valid token, exact KL to the
     reference summed over the response (`Σ_t Σ_v π(v|s_t) log π(v|s_t)/π_ref(v|s_t)`),
     length (EOS included) and EOS flag."""
-    P = prompt_mask.shape[1]
-    mask, has_eos = response_mask(sequences[:, P:], stop_ids)
-    attention = torch.cat([prompt_mask, mask], dim=1)
-    positions = positions_from_mask(attention)
-    inputs = {"input_ids": sequences, "attention_mask": attention, "position_ids": positions}
-    T = mask.shape[1]
-    keep = {"logits_to_keep": T + 1}  # the lm head only over the response: [B, T+1, V]
-    logp = torch.log_softmax(policy(**inputs, **keep).logits[:, :-1].float(), dim=-1)
-    ref_logp = torch.log_softmax(reference(**inputs, **keep).logits[:, :-1].float(), dim=-1)
+    responses = read_responses(sequences, prompt_mask, stop_ids)
+    mask = responses.mask
+    inputs = (sequences, responses.attention_mask, responses.position_ids, mask.shape[1])
+    logp = torch.log_softmax(response_logits(policy, *inputs), dim=-1)
+    ref_logp = torch.log_softmax(response_logits(reference, *inputs), dim=-1)
     kl = ((logp.exp() * (logp - ref_logp)).sum(dim=-1) * mask).sum(dim=1)
-    last = P + mask.sum(dim=1) - 1
-    scores = reward(sequences, attention, positions).gather(1, last.unsqueeze(1)).squeeze(1)
-    return {"score": scores, "kl": kl, "length": mask.sum(dim=1), "eos": has_eos.float()}
-
-
-def _reward_model(params: Params, where: torch.device) -> TokenScorer:
-    from transformers import AutoModelForSequenceClassification
-
-    path = MODELS_DIR / "reward_model"
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path}: no reward model (run `dvc repro reward_model` first)")
-    model = AutoModelForSequenceClassification.from_pretrained(
-        path, num_labels=1, dtype=dtype(params.model.dtype, device(params.common.device))
-    )
-    return TokenScorer(model.requires_grad_(False).eval()).to(where)
-
-
-def _ids(ids: int | list[int] | None) -> list[int]:
-    return [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+    scores = final_scores(reward, sequences, responses)
+    return {"score": scores, "kl": kl, "length": mask.sum(dim=1), "eos": responses.has_eos.float()}
 
 
 def compare(
     answers: dict[str, dict[str, list[Any]]], prompts: list[Any], synthetic: bool
 ) -> dict[str, dict[str, float]]:
-    """`{policy: {metric: value}}` with the keys of METRICS (ground_truth_score only when the
-    task has a ground truth, i.e. the synthetic default)."""
+    """`{policy: {metric: value}}` with the keys of METRICS (the ground truth's score and its
+    parts — which quality a policy gained — only when the task has one: the synthetic one)."""
     from tasks.synthetic import ground_truth
 
     sft_scores = torch.tensor(answers["sft"]["score"])
@@ -150,10 +124,10 @@ def compare(
             "eos_rate": sum(rows["eos"]) / len(rows["eos"]),
         }
         if synthetic:
-            truth = [
-                ground_truth(p, r)["score"] for p, r in zip(prompts, rows["response"], strict=True)
-            ]
-            metrics[policy]["ground_truth_score"] = sum(truth) / len(truth)
+            judged = [ground_truth(p, r) for p, r in zip(prompts, rows["response"], strict=True)]
+            for part in judged[0]:  # score, and the parts it averages: correct, polite
+                mean = sum(truth[part] for truth in judged) / len(judged)
+                metrics[policy][f"ground_truth_{part}"] = mean
     return metrics
 
 
@@ -197,19 +171,37 @@ def publish(
     registered under `tracking.registered_model`; returns the new model version."""
     import mlflow
 
+    from tasks.catalog import lineage, log_model, trained_by
     from tasks.tracking import pipeline_id, upstream_hashes
 
     mlflow.log_artifacts(str(report))
     mlflow.log_table(samples, "evaluate_samples.json")
     hashes = upstream_hashes("evaluate")
-    source = ""
+    source, children = "", {}
     for policy, values in metrics.items():
+        trained_params, lineage_tags = lineage(
+            policy, hashes.get(f"dvc.dep.models/{policy}", "unknown")
+        )
         tags = {"rlhf.stage": "evaluate", "rlhf.policy": policy, "rlhf.pipeline_id": pipeline_id()}
-        with mlflow.start_run(run_name=f"evaluate/{policy}", nested=True, tags=tags) as child:
+        with mlflow.start_run(
+            run_name=f"evaluate/{policy}", nested=True, tags=tags | lineage_tags
+        ) as child:
+            mlflow.log_params(trained_params)  # what produced it, beside how it scored
             mlflow.log_metrics(values)
+            children[policy] = child.info.run_id
             if policy == best:  # the registry points at a copy of the weights in MLflow
-                mlflow.log_artifacts(str(policy_dir(policy)), "model")
+                mlflow.log_artifacts(locate(policy)[0], "model")
                 source, best_run = mlflow.get_artifact_uri("model"), child.info.run_id
+    if (scorer := trained_by("reward_model")) and "dvc.dep.models/reward_model" in hashes:
+        log_model("reward_model", scorer, hashes["dvc.dep.models/reward_model"])
+    mlflow.set_tag(
+        "mlflow.note.content",
+        "Policies compared (child runs): "
+        + ", ".join(
+            f"[{policy}](#/experiments/{mlflow.active_run().info.experiment_id}/runs/{run_id})"
+            for policy, run_id in children.items()
+        ),
+    )
     tags = {f"metric.{key}": f"{value:.4f}" for key, value in metrics[best].items()}
     tags |= {"rlhf.policy": best, "dvc.md5": hashes.get(f"dvc.dep.models/{best}", "unknown")}
     client, name = mlflow.MlflowClient(), params.tracking.registered_model

@@ -1,8 +1,10 @@
-"""Batched generation with the KV cache: samples after training, and the terminal's `generate`."""
+"""The one generation loop (batched, KV cache, stop at EOS): samples after training, evaluate's
+answers, and the terminal's `rlhf generate`; PPO's rollout uses the same sampling settings."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -11,27 +13,21 @@ import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.config import MODELS_DIR, PREPARED_DIR, Params
-from tasks.models import device, dtype
+from tasks.errors import MissingInput
+from tasks.models import device, dtype, load_causal_lm, load_tokenizer
+from tasks.params import Params
+from tasks.scoring import stop_ids
+from tasks.stages import PREPARED_DIR
 from tasks.tracking import is_main_process
 
 
-def load_policy(path: str | Path, params: Params) -> tuple[Any, Any]:
-    """A causal LM and its tokenizer from `path`, in eval mode, padding on the left."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if not (Path(path) / "config.json").is_file():
-        raise FileNotFoundError(
-            f"{path}: no model here (run its stage, e.g. `dvc repro {Path(path).name}`)"
-        )
+def load_policy(model: str | Path, params: Params) -> tuple[Any, Any]:
+    """A causal LM (a stage name or a model directory) and its tokenizer, in eval mode on the
+    stage's device, padding on the left for generation."""
     dev = device(params.common.device)
-    tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=dtype(params.model.dtype, dev), trust_remote_code=params.model.trust_remote_code
-    ).to(dev)
-    return model.eval(), tokenizer
+    tokenizer = load_tokenizer(model, params.model, padding_side="left")
+    policy = load_causal_lm(model, params.model, dtype(params.model.dtype, dev)).to(dev)
+    return policy.eval(), tokenizer
 
 
 def render_prompts(prompts: list[Any], tokenizer: Any) -> list[str]:
@@ -41,47 +37,64 @@ def render_prompts(prompts: list[Any], tokenizer: Any) -> list[str]:
     return [maybe_apply_chat_template({"prompt": p}, tokenizer)["prompt"] for p in prompts]
 
 
-@torch.no_grad()
-def generate_texts(
+def generation_kwargs(
     model: Any,
     tokenizer: Any,
-    prompts: list[str],
     *,
     max_new_tokens: int,
-    batch_size: int = 64,
-    do_sample: bool = False,
+    do_sample: bool,
     temperature: float = 1.0,
     top_p: float = 1.0,
-) -> list[str]:
-    """Responses to rendered `prompts` (left-padded batches, stop at EOS, special tokens cut)."""
-    responses = []
+    top_k: int = 0,
+) -> dict[str, Any]:
+    """`generate`'s keyword arguments: greedy, or sampling with the given settings; stops at
+    any of the stop ids; pads with the tokenizer's pad token."""
     sampling = (
-        {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
+        {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": top_k}
         if do_sample
         else {"do_sample": False}
     )
+    return sampling | {
+        "max_new_tokens": max_new_tokens,
+        "pad_token_id": tokenizer.pad_token_id,
+        "eos_token_id": stop_ids(tokenizer, model),
+        "use_cache": True,
+    }
+
+
+@torch.no_grad()
+def generate(
+    model: Any, tokenizer: Any, prompts: list[str], batch_size: int, **settings: Any
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Per batch of rendered `prompts`: (prompt attention mask `[B, P]`, sequences `[B, P+T]`).
+    `settings` are `generation_kwargs`'s."""
+    kwargs = generation_kwargs(model, tokenizer, **settings)
     for start in range(0, len(prompts), batch_size):
         batch = tokenizer(
             prompts[start : start + batch_size], return_tensors="pt", padding=True
         ).to(model.device)
-        out = model.generate(
-            **batch,
-            max_new_tokens=max_new_tokens,
-            use_cache=True,
-            pad_token_id=tokenizer.pad_token_id,
-            **sampling,
-        )
-        responses += tokenizer.batch_decode(
-            out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True
-        )
+        yield batch["attention_mask"], model.generate(**batch, **kwargs)
+
+
+def generate_texts(
+    model: Any, tokenizer: Any, prompts: list[str], batch_size: int = 64, **settings: Any
+) -> list[str]:
+    """Responses to rendered `prompts`, special tokens cut."""
+    responses = []
+    for prompt_mask, sequences in generate(model, tokenizer, prompts, batch_size, **settings):
+        responses += decode_responses(tokenizer, sequences, prompt_mask.shape[1])
     return responses
+
+
+def decode_responses(tokenizer: Any, sequences: torch.Tensor, prompt_length: int) -> list[str]:
+    return tokenizer.batch_decode(sequences[:, prompt_length:], skip_special_tokens=True)
 
 
 def eval_prompts(limit: int | None = None) -> list[Any]:
     """Held-out prompts written by `prepare`."""
     path = PREPARED_DIR / "prompts" / "eval.jsonl"
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing (run `dvc repro prepare` first)")
+        raise MissingInput(f"{path}: missing; run `dvc repro prepare`")
     rows = [json.loads(line)["prompt"] for line in path.read_text(encoding="utf-8").splitlines()]
     return rows[:limit]
 
@@ -91,7 +104,9 @@ def log_samples(stage: str, params: Params, count: int = 8, max_new_tokens: int 
     """Greedy responses of `models/<stage>` to a few eval prompts, as an MLflow table."""
     if not is_main_process():
         return
-    model, tokenizer = load_policy(MODELS_DIR / stage, params)
+    model, tokenizer = load_policy(stage, params)
     prompts = render_prompts(eval_prompts(count), tokenizer)
-    responses = generate_texts(model, tokenizer, prompts, max_new_tokens=max_new_tokens)
+    responses = generate_texts(
+        model, tokenizer, prompts, max_new_tokens=max_new_tokens, do_sample=False
+    )
     mlflow.log_table({"prompt": prompts, "response": responses}, f"{stage}_samples.json")

@@ -12,6 +12,7 @@ from prefect.cache_policies import NO_CACHE
 
 from tasks import data, models, synthetic
 from tasks.config import DataConfig, ModelConfig
+from tasks.errors import DataError
 from tasks.io import write_json, write_jsonl
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,7 @@ def prepare_data(cfg: DataConfig, seed: int, out_dir: Path) -> dict[str, Any]:
                 seen.add(key)
                 kept.append(row)
         if not kept:
-            raise data.DataError(
+            raise DataError(
                 f"data.{kind}: no example left after dropping {duplicates} "
                 f"duplicates and {too_long} longer than data.max_chars"
             )
@@ -57,7 +58,7 @@ def prepare_data(cfg: DataConfig, seed: int, out_dir: Path) -> dict[str, Any]:
             ].append(row)
         for split, split_rows in splits.items():
             if not split_rows:
-                raise data.DataError(
+                raise DataError(
                     f"data.{kind}: the {split} split is empty with "
                     f"{len(kept)} examples (change data.eval_fraction)"
                 )

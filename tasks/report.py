@@ -7,7 +7,9 @@ from pathlib import Path
 
 # What each metric is, for the report's legend (docs/metrics.md has the full glossary).
 LEGEND = {
-    "ground_truth_score": "the task's own scorer, 0–1 (synthetic: correct and polite)",
+    "ground_truth_score": "the task's own scorer, 0–1 (synthetic: the mean of the next two)",
+    "ground_truth_correct": "fraction of responses whose answer is right",
+    "ground_truth_polite": "fraction of responses that open and close politely",
     "reward_mean": "mean reward-model score of the responses",
     "reward_std": "spread of those scores",
     "win_rate_vs_sft": "fraction of prompts where the reward model prefers this policy to SFT",

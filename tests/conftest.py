@@ -1,10 +1,12 @@
-"""Shared fixtures: a params file to tweak, an isolated MLflow store, Prefect's test server."""
+"""Shared fixtures and helpers: a params file to tweak, an isolated MLflow store, Prefect's test
+server, the stage runs of a store, leftovers of an interrupted write."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -12,66 +14,70 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from ruamel.yaml import YAML
 
 import flows  # noqa: F401  (sets the offline defaults before Prefect and MLflow load)
+from flows.testing import SMALL, write_params
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def write_params(path: Path, overrides: dict[str, Any]) -> Path:
-    """The repo's params.yaml with dotted-key overrides ({'data.eval_fraction': 0.2}) applied."""
-    yaml = YAML()
-    tree = yaml.load(REPO / "params.yaml")
-    for dotted, value in overrides.items():
-        *parents, leaf = dotted.split(".")
-        node = tree
-        for key in parents:
-            node = node[key]
-        if value is _DELETE:
-            del node[leaf]
-        else:
-            node[leaf] = value
-    with path.open("w") as out:
-        yaml.dump(tree, out)
-    return path
-
-
-_DELETE = object()
-
-
-@pytest.fixture
-def delete() -> object:
-    """Sentinel for `make_params`: remove this key."""
-    return _DELETE
-
-
 @pytest.fixture
 def make_params(tmp_path: Path) -> Callable[..., Path]:
-    """make_params({'data.eval_fraction': 0.2}) → path of a params file in tmp_path."""
-    return lambda overrides=None, name="params.yaml": write_params(tmp_path / name, overrides or {})
+    """make_params({'data.eval_fraction': 0.2}) → path of a params file in tmp_path
+    (flows.testing.write_params; `new_keys=True` for the unknown-key tests)."""
+
+    def make(overrides: dict[str, Any] | None = None, name: str = "params.yaml", **kw: Any) -> Path:
+        return write_params(tmp_path / name, overrides or {}, **kw)
+
+    return make
 
 
 @pytest.fixture
 def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Run in a temp dir with its own MLflow SQLite store (stages resolve paths from the cwd)."""
+    import mlflow
+
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    # The environment is not enough: an earlier in-process stage left MLflow's global URI
+    # (mlflow.set_tracking_uri wins over the variable) pointing at its own, maybe stopped, store.
+    mlflow.set_tracking_uri(uri)
+    # ... and its active experiment (set_experiment's), an id this new store does not have.
+    monkeypatch.setattr(mlflow.tracking.fluent, "_active_experiment_id", None)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)  # set_experiment exports it too
     return tmp_path
 
 
 @pytest.fixture(scope="session")
-def prefect_server() -> Iterator[None]:
-    """One temporary Prefect server (and database) for the whole session."""
-    from prefect.testing.utilities import prefect_test_harness
+def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The stages' shared Prefect server, started as `rlhf stage` starts it
+    (flows/prefect_server.py), with its own database, for the whole session; its API URL.
+    In-process flows use it, and so do the `rlhf` subprocesses (run_cli passes the URL)."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    with prefect_test_harness():
-        yield
+    from flows.prefect_server import shared_prefect
+    from flows.services import stop_recorded
+
+    state = tmp_path_factory.mktemp("rlhf-state")
+    home = tmp_path_factory.mktemp("prefect-home")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv("PREFECT_API_URL", raising=False)
+        patch.setenv("PREFECT_HOME", str(home))  # the server's own database
+        with shared_prefect(state) as url, temporary_settings({PREFECT_API_URL: url}):
+            yield url
+            from prefect.logging.handlers import APILogWorker
+
+            APILogWorker.drain_all(timeout=10)  # the session's last records, then the server
+        stop_recorded(state)
 
 
 @pytest.fixture(scope="session", autouse=True)
 def _no_user_tracking_env() -> None:
     os.environ.pop("MLFLOW_TRACKING_URI", None)
+    # A warm process (flows/warm.py) per test directory would import for seconds and never
+    # serve twice: only the tests of warm starts, and the dvc repro ones, turn them on.
+    os.environ["RLHF_WARM"] = "0"
 
 
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -127,16 +133,38 @@ def stage_runs(root: Path, name: str | None = None) -> list[Any]:
     return list(found)
 
 
-def prepare_small(root: Path) -> None:
-    """Run `prepare` in `root` with the small sizes, logging to `root`'s own MLflow store."""
-    from flows.prepare import prepare
-    from tasks.config import load_params
-    from tests.sizes import SMALL
+@contextlib.contextmanager
+def stage_dir(root: Path, overrides: dict[str, Any]) -> Iterator[Any]:
+    """Run the block in `root` (stages resolve paths from the cwd) with `root`'s own MLflow store
+    → the params of root/params.yaml, written with `overrides`. For module-scoped fixtures,
+    which cannot use `workdir`."""
+    from tasks.params import load_params
 
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(root)
         patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
-        prepare(load_params(write_params(root / "params.yaml", SMALL)))
+        yield load_params(write_params(root / "params.yaml", overrides))
+
+
+def prepare_small(root: Path) -> None:
+    """Run `prepare` in `root` with the small sizes, logging to `root`'s own MLflow store."""
+    from flows.prepare import prepare
+
+    with stage_dir(root, SMALL) as params:
+        prepare(params)
+
+
+def leftovers(root: Path, *folders: str) -> list[str]:
+    """The temporary or old entries an interrupted `atomic_dir`, `write_json` or checkpoint
+    write may leave in the `folders` of `root` (`.name.tmp-…`, `.name.old-…`, `.name.tmp`)."""
+    pattern = re.compile(r"^\..*\.(tmp|old)(-|$)")
+    return [
+        str(entry.relative_to(root))
+        for folder in folders
+        if (root / folder).exists()
+        for entry in (root / folder).iterdir()
+        if pattern.match(entry.name)
+    ]
 
 
 @pytest.fixture(scope="module")

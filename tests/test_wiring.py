@@ -1,6 +1,6 @@
-"""Static wiring of the pipeline: dvc.yaml ↔ flows/ ↔ tasks/ ↔ params.yaml ↔ the CLI (no training).
-
-Written over whatever stages dvc.yaml declares, so a new stage is checked as soon as it is added.
+"""Static wiring of the pipeline against the stage registry (tasks/stages.py): dvc.yaml,
+prefect.yaml, params.yaml, flows/, the CLI, and the shape of the code (import direction, no
+cycles, one model loader, file sizes). No training.
 """
 
 from __future__ import annotations
@@ -9,13 +9,15 @@ import ast
 import importlib
 import re
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 from ruamel.yaml import YAML
 
-from tasks.config import STAGE_SECTIONS, STAGES, Params
+from tasks.params import Params
+from tasks.stages import POLICIES, STAGE, STAGES, StageSpec
 
 REPO = Path(__file__).resolve().parents[1]
 UNTRACKED_SECTIONS = {"tracking", "orchestration"}
@@ -27,11 +29,21 @@ def _load_yaml(path: Path) -> Any:
 
 DVC = _load_yaml(REPO / "dvc.yaml")
 DVC_STAGES: dict[str, dict[str, Any]] = DVC["stages"]
-STAGE_NAMES = sorted(DVC_STAGES)
+STAGE_NAMES = list(DVC_STAGES)
 
 # Modules that shape how a stage runs and reports, not what it computes: a change to them must
-# not rebuild the pipeline (e.g. a better error message in config.py, a new MLflow tag).
-INFRASTRUCTURE = {"tasks/config.py", "tasks/io.py", "tasks/tracking.py", "tasks/lineage.py"}
+# not rebuild the pipeline (a better error message, a new MLflow tag, a new stage's spec).
+INFRASTRUCTURE = {
+    "tasks/catalog.py",
+    "tasks/config.py",
+    "tasks/errors.py",
+    "tasks/io.py",
+    "tasks/lineage.py",
+    "tasks/params.py",
+    "tasks/ppo_config.py",
+    "tasks/stages.py",
+    "tasks/tracking.py",
+}
 
 
 def _paths(entries: list[Any]) -> list[str]:
@@ -113,110 +125,143 @@ def _rel(path: Path) -> str:
     return path.relative_to(REPO).as_posix()
 
 
-def _missing_deps(name: str) -> set[str]:
-    deps = _paths(DVC_STAGES[name].get("deps"))
-    flow_file = REPO / "flows" / f"{name}.py"
-    return {
-        _rel(module)
-        for module in _task_modules(flow_file)
-        if not any(_covers(dep, _rel(module)) for dep in deps)
-    }
+# ---------------------------------------------------------------- registry ↔ dvc.yaml
 
 
-# ---------------------------------------------------------------- dvc.yaml ↔ flows
+def test_dvc_stages_are_the_registry_in_order():
+    assert [spec.name for spec in STAGES] == STAGE_NAMES
 
 
-def test_dvc_declares_stages():
-    assert STAGE_NAMES, "dvc.yaml declares no stage"
-    assert set(STAGE_NAMES) <= set(STAGES), "dvc.yaml stage missing from tasks.config.STAGES"
-
-
-@pytest.mark.parametrize("name", STAGE_NAMES)
-def test_stage_cmd_runs_its_flow(name: str):
-    assert DVC_STAGES[name]["cmd"] == f"rlhf stage {name}"
-    flow_file = REPO / "flows" / f"{name}.py"
-    assert flow_file.is_file()
-
+@pytest.mark.parametrize("spec", STAGES, ids=lambda s: s.name)
+def test_stage_cmd_runs_its_flow(spec: StageSpec):
+    assert DVC_STAGES[spec.name]["cmd"] == f"rlhf stage {spec.name}"
     from prefect import Flow
 
-    flow = getattr(importlib.import_module(f"flows.{name}"), name)
+    flow = getattr(importlib.import_module(f"flows.{spec.name}"), spec.name)
     assert isinstance(flow, Flow)
-    assert flow.name == name
+    assert flow.name == spec.name
 
 
-@pytest.mark.parametrize("name", STAGE_NAMES)
-def test_stage_params_are_its_sections(name: str):
-    tracked = _params(DVC_STAGES[name])
-    assert len(tracked) == len(set(tracked)), f"listed twice: {tracked}"
-    assert set(tracked) == set(STAGE_SECTIONS[name])
+@pytest.mark.parametrize("spec", STAGES, ids=lambda s: s.name)
+def test_stage_params_are_its_sections(spec: StageSpec):
+    tracked = _params(DVC_STAGES[spec.name])
+    assert tracked == list(spec.sections)
     assert not set(tracked) & UNTRACKED_SECTIONS
+    assert set(tracked) <= set(Params.model_fields)
 
 
-def test_no_stage_section_is_untracked():
-    for name, sections in STAGE_SECTIONS.items():
-        assert not set(sections) & UNTRACKED_SECTIONS, name
-        assert set(sections) <= set(Params.model_fields), name
-
-
-@pytest.mark.parametrize("name", STAGE_NAMES)
-def test_stage_deps_exist(name: str):
-    deps = _paths(DVC_STAGES[name].get("deps"))
-    assert f"flows/{name}.py" in deps
+@pytest.mark.parametrize("spec", STAGES, ids=lambda s: s.name)
+def test_stage_data_deps_are_its_inputs(spec: StageSpec):
+    """The deps that are not code are exactly the spec's inputs (other stages' outputs)."""
+    deps = _paths(DVC_STAGES[spec.name].get("deps"))
     assert len(deps) == len(set(deps)), f"listed twice: {deps}"
-    for dep in deps:
-        # an upstream stage's output, or something in the repository
+    data = [dep for dep in deps if not dep.startswith(("flows/", "tasks/"))]
+    assert sorted(data) == sorted(spec.inputs)
+    for dep in data:  # an upstream stage's output, or something in the repository
         producer = next((s for out, s in ALL_OUTS.items() if _covers(out, dep)), None)
-        if producer is not None:
-            assert producer != name, f"{dep}: a stage depending on its own output"
-        else:
-            assert (REPO / dep).exists(), f"{name}: dep {dep} does not exist"
+        assert producer != spec.name, f"{dep}: a stage depending on its own output"
+        assert producer is not None or (REPO / dep).exists(), f"{spec.name}: {dep} missing"
 
 
-@pytest.mark.parametrize("name", STAGE_NAMES)
-def test_stage_deps_cover_imported_tasks_modules(name: str):
-    """A change in any tasks/ module the flow uses (transitively) re-runs the stage."""
-    missing = _missing_deps(name) - INFRASTRUCTURE
-    assert not missing, f"{name}: dvc.yaml deps lack {sorted(missing)}"
+@pytest.mark.parametrize("spec", STAGES, ids=lambda s: s.name)
+def test_stage_code_deps_are_the_modules_its_flow_imports(spec: StageSpec):
+    """A change in any tasks/ module the flow uses (transitively) reruns the stage, and a change
+    in one it does not use (e.g. PPO's losses for evaluate) does not."""
+    deps = _paths(DVC_STAGES[spec.name].get("deps"))
+    code = {dep for dep in deps if dep.startswith(("flows/", "tasks/"))}
+    flow_file = REPO / "flows" / f"{spec.name}.py"
+    used = {_rel(module) for module in _task_modules(flow_file)} - INFRASTRUCTURE
+    assert code == used | {_rel(flow_file)}
 
 
-@pytest.mark.parametrize("name", STAGE_NAMES)
-def test_stage_metrics_and_outs(name: str):
-    stage = DVC_STAGES[name]
-    metrics = _paths(stage.get("metrics"))
-    assert f"metrics/{name}.json" in metrics
-    for entry in stage.get("metrics") or []:
-        if isinstance(entry, dict):  # metrics are small: git tracks them, not DVC's cache
-            options = next(iter(entry.values())) or {}
-            assert options.get("cache") is False, entry
+def test_evaluate_is_free_of_ppo():
+    used = {_rel(module) for module in _task_modules(REPO / "flows" / "evaluate.py")}
+    assert not [module for module in used if module.startswith("tasks/ppo/")], used
+
+
+@pytest.mark.parametrize("spec", STAGES, ids=lambda s: s.name)
+def test_stage_outputs(spec: StageSpec):
+    stage = DVC_STAGES[spec.name]
+    own = {
+        "prepare": ["data/prepared", "models/base"],
+        "evaluate": ["reports"],
+    }.get(spec.kind, [f"models/{spec.name}"])
+    assert _paths(stage.get("outs")) == own
+    assert _paths(stage.get("metrics")) == [f"metrics/{spec.name}.json"]
+    plots = _paths(stage.get("plots"))
+    assert plots == ([] if spec.kind == "prepare" else [f"plots/{spec.name}.json"])
+    for entry in [*stage.get("metrics", []), *stage.get("plots", [])]:
+        # small: git tracks them, not DVC's cache
+        assert isinstance(entry, dict) and next(iter(entry.values())).get("cache") is False
     outs = _outs(stage)
-    assert len(outs) == len(set(outs))
     for other, other_stage in DVC_STAGES.items():
-        if other != name:
+        if other != spec.name:
             overlap = [
                 (a, b) for a in outs for b in _outs(other_stage) if _covers(a, b) or _covers(b, a)
             ]
-            assert not overlap, f"{name} and {other} both write {overlap}"
+            assert not overlap, f"{spec.name} and {other} both write {overlap}"
 
 
-# ---------------------------------------------------------------- params.yaml, CLI
+def test_stage_inputs_are_upstream_outputs():
+    """Each input of a stage is written by a stage before it (or is raw data)."""
+    seen: set[str] = set()
+    for spec in STAGES:
+        for path in spec.inputs:
+            assert path == "data/raw" or any(_covers(out, path) for out in seen), (spec.name, path)
+        seen |= set(_outs(DVC_STAGES[spec.name]))
+
+
+# ---------------------------------------------------------------- registry ↔ the rest
+
+
+def test_prefect_deployments_are_the_stages_and_the_pipeline():
+    prefect = _load_yaml(REPO / "prefect.yaml")
+    entrypoints = {d["name"]: d["entrypoint"] for d in prefect["deployments"]}
+    expected = {spec.name: f"flows.{spec.name}:{spec.name}" for spec in STAGES}
+    assert entrypoints == expected | {"pipeline": "flows.pipeline:pipeline"}
 
 
 def test_params_sections_are_the_config_model():
-    sections = set(_load_yaml(REPO / "params.yaml"))
-    assert sections == set(Params.model_fields)
+    """params.yaml has the shared sections, one per stage in pipeline order, the untracked."""
+    sections = list(_load_yaml(REPO / "params.yaml"))
+    assert sections == list(Params.model_fields)
+    own = [spec.own_section for spec in STAGES]
+    assert sections == ["common", "model", *own, "tracking", "orchestration"]
 
 
-def test_cli_offers_every_dvc_stage():
-    from flows.cli import available_stages
-
-    assert set(STAGE_NAMES) <= set(available_stages())
-
-
-# ---------------------------------------------------------------- import direction
+@pytest.mark.parametrize("spec", [s for s in STAGES if s.kind == "trl"], ids=lambda s: s.name)
+def test_trl_stage_spec_is_complete(spec: StageSpec):
+    assert spec.trainer and spec.trl_config and spec.dataset and spec.start and spec.summary
+    assert spec.trainer.count(":") == spec.trl_config.count(":") == 1
+    assert set(Params.model_fields[spec.name].annotation.model_fields) >= {"lora", "trainer"}
 
 
-def _python_files(folder: str) -> list[Path]:
-    return sorted((REPO / folder).rglob("*.py"))
+def test_policies_are_causal_lms_and_evaluate_lists_them():
+    assert POLICIES[0] == "sft"  # the reference of win rate and KL
+    assert all(STAGE[policy].head == "causal_lm" for policy in POLICIES)
+    assert YAML(typ="safe").load(REPO / "params.yaml")["evaluate"]["policies"] == list(POLICIES)
+
+
+def test_cli_offers_every_stage():
+    import flows.cli
+
+    parser_help = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "stage", "--help"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    for spec in STAGES:
+        assert re.search(rf"^  {spec.name}\s+{re.escape(spec.description[:30])}", parser_help, re.M)
+    assert flows.cli.stage_flow("sft").name == "sft"
+
+
+# ---------------------------------------------------------------- the shape of the code
+
+
+def _python_files(*folders: str) -> list[Path]:
+    return sorted(file for folder in folders for file in (REPO / folder).rglob("*.py"))
 
 
 @pytest.mark.parametrize("file", _python_files("tasks"), ids=lambda p: _rel(p))
@@ -228,6 +273,53 @@ def test_tasks_never_import_flows(file: Path):
 def test_ppo_losses_are_pure_torch():
     top_level = {m.split(".")[0] for m in _imports(REPO / "tasks" / "ppo" / "losses.py")}
     assert top_level <= {"torch", "__future__", "typing", "math"}, top_level
+
+
+def test_no_import_cycle():
+    """flows/ and tasks/ modules form no cycle, counting imports inside functions and those
+    made only for type checking."""
+    graph = {}
+    for file in _python_files("flows", "tasks"):
+        targets = {_module_file(m) for m in _imports(file) if m.split(".")[0] in ("flows", "tasks")}
+        package_inits = {REPO / "flows" / "__init__.py", REPO / "tasks" / "__init__.py"}
+        graph[file] = {t for t in targets if t is not None and t != file} - package_inits
+    done: set[Path] = set()
+
+    def visit(file: Path, path: list[Path]) -> None:
+        if file in path:
+            cycle = [*path[path.index(file) :], file]
+            pytest.fail("import cycle: " + " → ".join(_rel(f) for f in cycle))
+        if file in done:
+            return
+        for target in graph.get(file, ()):
+            visit(target, [*path, file])
+        done.add(file)
+
+    for file in graph:
+        visit(file, [])
+
+
+def test_models_load_in_one_place():
+    """Models and tokenizers are loaded only by tasks/models.py (one loader honours revision,
+    trust_remote_code, dtype and the pad-token fallback everywhere)."""
+    offenders = [
+        f"{_rel(file)}:{number}"
+        for file in _python_files("flows", "tasks")
+        if file != REPO / "tasks" / "models.py"
+        for number, line in enumerate(file.read_text(encoding="utf-8").splitlines(), start=1)
+        if "from_pretrained(" in line
+    ]
+    assert not offenders, offenders
+
+
+@pytest.mark.parametrize("file", _python_files("flows", "tasks"), ids=lambda p: _rel(p))
+def test_files_stay_readable(file: Path):
+    assert len(file.read_text(encoding="utf-8").splitlines()) <= 400
+
+
+def test_benchmarks_do_not_import_tests():
+    for file in _python_files("benchmarks"):
+        assert not [m for m in _imports(file) if m.split(".")[0] == "tests"], _rel(file)
 
 
 # ---------------------------------------------------------------- entry points
@@ -251,9 +343,9 @@ def test_readme_and_makefile_quickstart():
 
 
 def test_rlhf_script_is_the_cli():
-    """`rlhf` (what every dvc.yaml cmd runs) is flows.cli:main."""
+    """`rlhf` (what every dvc.yaml cmd runs) is flows.cli:run (main, then a quick exit)."""
     pyproject = (REPO / "pyproject.toml").read_text()
-    assert re.search(r'^rlhf\s*=\s*"flows\.cli:main"', pyproject, flags=re.MULTILINE)
+    assert re.search(r'^rlhf\s*=\s*"flows\.cli:run"', pyproject, flags=re.MULTILINE)
 
 
 def test_stage_outputs_are_not_git_tracked():

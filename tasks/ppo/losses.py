@@ -219,16 +219,6 @@ def _as_float(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
-def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy of ``Categorical(logits)``: ``[B, T, V] -> [B, T]``.
-
-    ``H = logsumexp(z) - sum_v softmax(z)_v * z_v``. Assumes finite logits (a ``-inf``
-    logit would give ``0 * -inf = nan``). Not masked: apply ``masked_mean`` for a statistic.
-    """
-    z = _as_float(logits)
-    return torch.logsumexp(z, dim=-1) - (torch.softmax(z, dim=-1) * z).sum(dim=-1)
-
-
 def explained_variance(
     values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor
 ) -> torch.Tensor:

@@ -14,14 +14,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import mlflow
 import torch
 
-from tasks.config import CHECKPOINTS_DIR, MODELS_DIR, PREPARED_DIR, LoraConfig, Params
+from tasks.config import LoraConfig
+from tasks.errors import MissingInput
 from tasks.generation import render_prompts
 from tasks.io import resumable_dir
-from tasks.models import device, dtype
-from tasks.ppo.checkpoint import has_checkpoint, load_checkpoint
-from tasks.ppo.rollout import TokenScorer
+from tasks.models import device, dtype, load_causal_lm, load_scorer, load_tokenizer, lora_config
+from tasks.params import Params
+from tasks.ppo.checkpoint import load_checkpoint
+from tasks.scoring import TokenScorer, score_stats
+from tasks.stages import CHECKPOINTS_DIR, MODELS_DIR, PREPARED_DIR, STAGE
+from tasks.tracking import logged_until
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +52,16 @@ class PPORun:
     kl_coef: float
     iteration: int = 0  # the next iteration to run
     history: list[dict[str, float]] = field(default_factory=list)
+    logged_until: int = -1  # the last step the (resumed) MLflow run has: not logged again
 
     @property
     def checkpoints(self) -> Path:
         return CHECKPOINTS_DIR / "ppo"
+
+    @property
+    def state_dir(self) -> Path:
+        """The resumable state (tasks/ppo/checkpoint.py)."""
+        return self.checkpoints / "state"
 
 
 def setup(params: Params) -> PPORun:
@@ -94,28 +105,31 @@ def setup(params: Params) -> PPORun:
         critic_scheduler=get_scheduler(cfg.lr_scheduler, critic_optimizer, cfg.warmup_steps, steps),
         prompts=render_prompts(_read_column("prompts", "prompt"), tokenizer),
         ptx_examples=_ptx_examples(tokenizer) if cfg.ptx_coef > 0 else [],
-        score_stats=_score_stats() if cfg.normalize_scores else None,
+        score_stats=score_stats(MODELS_DIR / "reward_model") if cfg.normalize_scores else None,
         kl_coef=cfg.kl_coef,
     )
-    inputs = [PREPARED_DIR / "prompts", PREPARED_DIR / "sft", MODELS_DIR / "sft"]
-    resumable_dir(run.checkpoints, params, "ppo", [*inputs, MODELS_DIR / "reward_model"])
-    if has_checkpoint(run):
-        load_checkpoint(run)
+    resumable_dir(run.checkpoints, params, "ppo", [Path(p) for p in STAGE["ppo"].inputs])
+    state = load_checkpoint(accelerator, run.state_dir)
+    if state is not None:
+        run.iteration, run.kl_coef, run.history = (
+            state["iteration"],
+            state["kl_coef"],
+            state["history"],
+        )
+        run.actor_scheduler.load_state_dict(state["actor_scheduler"])
+        run.critic_scheduler.load_state_dict(state["critic_scheduler"])
         log.info("ppo: resuming at iteration %d from %s", run.iteration, run.checkpoints)
+        if accelerator.is_main_process:
+            run.logged_until = logged_until(mlflow.active_run().info.run_id)
     return run
 
 
 def _load_policies(params: Params, frozen_dtype: torch.dtype) -> tuple[Any, Any, Any]:
     """Tokenizer, actor (float32, trainable) and reference (frozen) from models/sft."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = model_dir("sft")
-    tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    actor = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    reference = AutoModelForCausalLM.from_pretrained(path, dtype=frozen_dtype)
-    actor = _trainable(actor, params.ppo.lora, "CAUSAL_LM", params.ppo.gradient_checkpointing)
+    tokenizer = load_tokenizer("sft", params.model, padding_side="left")
+    actor = load_causal_lm("sft", params.model, torch.float32)
+    reference = load_causal_lm("sft", params.model, frozen_dtype)
+    actor = _trainable(actor, params.ppo.lora, "causal_lm", params.ppo.gradient_checkpointing)
     return tokenizer, actor, _frozen(reference)
 
 
@@ -123,24 +137,14 @@ def _load_scorers(
     params: Params, frozen_dtype: torch.dtype, tokenizer: Any
 ) -> tuple[TokenScorer, TokenScorer]:
     """Critic (trainable, from the reward model) and the frozen reward model."""
-    from transformers import AutoModelForSequenceClassification
-
-    path = model_dir("reward_model")
-
-    def classifier(model_dtype: torch.dtype) -> Any:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=1, dtype=model_dtype
-        )
-        model.config.pad_token_id = tokenizer.pad_token_id
-        return model
-
-    critic = _trainable(
-        classifier(torch.float32), params.ppo.lora, "SEQ_CLS", params.ppo.gradient_checkpointing
-    )
-    return TokenScorer(critic), TokenScorer(_frozen(classifier(frozen_dtype)))
+    pad = tokenizer.pad_token_id
+    critic = load_scorer("reward_model", params.model, torch.float32, pad)
+    critic = _trainable(critic, params.ppo.lora, "scorer", params.ppo.gradient_checkpointing)
+    reward = load_scorer("reward_model", params.model, frozen_dtype, pad)
+    return TokenScorer(critic), TokenScorer(_frozen(reward))
 
 
-def _trainable(model: Any, lora: LoraConfig | None, task_type: str, checkpointing: bool) -> Any:
+def _trainable(model: Any, lora: LoraConfig | None, head: str, checkpointing: bool) -> Any:
     from trl.trainer.utils import disable_dropout_in_model
 
     disable_dropout_in_model(model)  # dropout would make old and new log-probs disagree
@@ -148,19 +152,9 @@ def _trainable(model: Any, lora: LoraConfig | None, task_type: str, checkpointin
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
     if lora is not None:
-        from peft import LoraConfig as PeftLoraConfig
         from peft import get_peft_model
 
-        model = get_peft_model(
-            model,
-            PeftLoraConfig(
-                r=lora.r,
-                lora_alpha=lora.alpha,
-                lora_dropout=lora.dropout,
-                target_modules=lora.target_modules,
-                task_type=task_type,
-            ),
-        )
+        model = get_peft_model(model, lora_config(lora, head))
         if checkpointing:
             model.enable_input_require_grads()
     return model.train()
@@ -172,17 +166,10 @@ def _frozen(model: Any) -> Any:
     return model.eval()
 
 
-def model_dir(stage: str) -> str:
-    path = MODELS_DIR / stage
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path}: no model (run `dvc repro {stage}` first)")
-    return str(path)
-
-
 def _read_column(kind: str, column: str) -> list[Any]:
     path = PREPARED_DIR / kind / "train.jsonl"
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing (run `dvc repro prepare` first)")
+        raise MissingInput(f"{path}: missing; run `dvc repro prepare`")
     return [json.loads(line)[column] for line in path.read_text(encoding="utf-8").splitlines()]
 
 
@@ -200,8 +187,3 @@ def _ptx_examples(tokenizer: Any) -> list[tuple[str, str]]:
         eos = "" if isinstance(row["completion"], list) else tokenizer.eos_token
         pairs.append((text["prompt"], text["completion"] + eos))
     return pairs
-
-
-def _score_stats() -> tuple[float, float]:
-    stats = json.loads((MODELS_DIR / "reward_model" / "reward_stats.json").read_text())
-    return stats["reward_mean"], stats["reward_std"]

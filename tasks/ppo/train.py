@@ -20,22 +20,27 @@ import mlflow
 import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
+from trl.trainer.utils import entropy_from_logits  # chunked: faster than one pass (performance.md)
 
-from tasks.config import MODELS_DIR, PLOTS_DIR, Params
+from tasks.catalog import record_run
+from tasks.errors import TrainingDiverged, stop_if_signalled
+from tasks.generation import generation_kwargs
 from tasks.io import atomic_dir, write_json
-from tasks.models import device, dtype
-from tasks.ppo.checkpoint import has_checkpoint, save_checkpoint
+from tasks.models import device, dtype, load_tokenizer
+from tasks.params import Params
+from tasks.ppo.checkpoint import STATE_FILE, save_checkpoint
 from tasks.ppo.losses import (
     adaptive_kl_coef,
-    entropy_from_logits,
     explained_variance,
     logprobs_from_logits,
     masked_mean,
     policy_loss,
     value_loss,
 )
-from tasks.ppo.rollout import Experience, make_experience, response_logits
-from tasks.ppo.run import PPORun, model_dir, setup
+from tasks.ppo.rollout import Experience, make_experience
+from tasks.ppo.run import PPORun, setup
+from tasks.scoring import response_logits
+from tasks.stages import MODELS_DIR, PLOTS_DIR
 
 log = logging.getLogger(__name__)
 
@@ -66,29 +71,26 @@ def rollout(run: PPORun, iteration: int) -> tuple[Experience, dict[str, float]]:
     torch.manual_seed(
         run.params.common.seed * 1_000_003 + iteration * 101 + run.accelerator.process_index
     )
-    stop_ids = sorted(
-        {tokenizer.eos_token_id}
-        | set(_as_list(run.accelerator.unwrap_model(run.actor).generation_config.eos_token_id))
+    actor = run.accelerator.unwrap_model(run.actor)
+    generation = generation_kwargs(
+        actor,
+        tokenizer,
+        max_new_tokens=cfg.max_new_tokens,
+        do_sample=True,
+        temperature=cfg.temperature,
+        top_p=cfg.top_p,
+        top_k=cfg.top_k,
     )
     with run.accelerator.autocast():
         experience = make_experience(
-            actor=run.accelerator.unwrap_model(run.actor),
+            actor=actor,
             reference=run.reference,
             critic=run.critic,
             reward=run.reward,
             prompt_ids=prompts["input_ids"].to(run.accelerator.device),
             prompt_mask=prompts["attention_mask"].to(run.accelerator.device),
-            generation={
-                "do_sample": True,
-                "temperature": cfg.temperature,
-                "top_k": cfg.top_k,
-                "top_p": cfg.top_p,
-                "max_new_tokens": cfg.max_new_tokens,
-                "pad_token_id": tokenizer.pad_token_id,
-                "eos_token_id": stop_ids,
-                "use_cache": True,
-            },
-            stop_ids=stop_ids,
+            generation=generation,
+            stop_ids=generation["eos_token_id"],
             cfg=cfg,
             kl_coef=run.kl_coef,
             score_stats=run.score_stats,
@@ -113,10 +115,6 @@ def rollout(run: PPORun, iteration: int) -> tuple[Experience, dict[str, float]]:
         "time/rollout_s": seconds,
     }
     return experience, stats
-
-
-def _as_list(ids: int | list[int] | None) -> list[int]:
-    return [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
 
 
 @task(cache_policy=NO_CACHE)
@@ -163,26 +161,14 @@ def _step(
             ptx_loss = run.actor(**_ptx_batch(run, iteration, step)).loss
             actor_loss = actor_loss + cfg.ptx_coef * ptx_loss
             stats["ptx/loss"] = ptx_loss.item()
-    _check_finite(run, "actor loss", actor_loss, iteration)
-    accelerator.backward(actor_loss)
-    norm = accelerator.clip_grad_norm_(run.actor.parameters(), cfg.max_grad_norm)
-    _check_finite(run, "actor gradient", norm, iteration)
-    run.actor_optimizer.step()
-    run.actor_scheduler.step()
-    run.actor_optimizer.zero_grad()
+    _descend(run, "actor", actor_loss, iteration)
 
     with accelerator.autocast():
         values = run.critic(sequences, attention, positions)[:, P - 1 : -1]
         vf_loss, vf_stats = value_loss(
             values, exp.values[rows], exp.returns[rows], mask, cfg.clip_range_value
         )
-    _check_finite(run, "value loss", vf_loss, iteration)
-    accelerator.backward(vf_loss)
-    norm = accelerator.clip_grad_norm_(run.critic.parameters(), cfg.max_grad_norm)
-    _check_finite(run, "critic gradient", norm, iteration)
-    run.critic_optimizer.step()
-    run.critic_scheduler.step()
-    run.critic_optimizer.zero_grad()
+    _descend(run, "critic", vf_loss, iteration)
     return stats | {
         "loss/policy": pg_loss.item(),
         "loss/value": vf_loss.item(),
@@ -191,6 +177,21 @@ def _step(
         "policy/entropy": masked_mean(entropy_from_logits(logits.detach()), mask).item(),
         "val/clipfrac": vf_stats["clipfrac"].item(),
     }
+
+
+def _descend(run: PPORun, model: str, loss: torch.Tensor, iteration: int) -> None:
+    """One optimizer step of the actor or the critic on `loss`: backward, clip the gradient
+    norm, step, advance the schedule. A non-finite loss or norm stops before the weights move."""
+    _check_finite(run, f"{model} loss", loss, iteration)
+    run.accelerator.backward(loss)
+    parameters = getattr(run, model).parameters()
+    norm = run.accelerator.clip_grad_norm_(parameters, run.params.ppo.max_grad_norm)
+    # The norm of DDP's averaged gradients: the same on every process, no collective needed.
+    _check_finite(run, f"{model} gradient", norm, iteration, same_on_every_rank=True)
+    optimizer = getattr(run, f"{model}_optimizer")
+    optimizer.step()
+    getattr(run, f"{model}_scheduler").step()
+    optimizer.zero_grad()
 
 
 def _ptx_batch(run: PPORun, iteration: int, step: int) -> dict[str, torch.Tensor]:
@@ -214,16 +215,23 @@ def _ptx_batch(run: PPORun, iteration: int, step: int) -> dict[str, torch.Tensor
     }
 
 
-def _check_finite(run: PPORun, what: str, value: torch.Tensor, iteration: int) -> None:
-    """Stop before a NaN/Inf reaches the weights; the last good checkpoint is kept."""
-    if torch.isfinite(value).all():
+def _check_finite(
+    run: PPORun, what: str, value: torch.Tensor, iteration: int, same_on_every_rank: bool = False
+) -> None:
+    """Stop before a NaN/Inf reaches the weights; the last good checkpoint is kept. Every
+    process learns whether any one saw it, so all stop together instead of one leaving the
+    others waiting in the next collective."""
+    bad = torch.tensor(0.0 if torch.isfinite(value).all() else 1.0, device=value.device)
+    if run.accelerator.num_processes > 1 and not same_on_every_rank:
+        bad = run.accelerator.reduce(bad, "sum")
+    if bad.item() == 0:
         return
     kept = (
         f"the last good checkpoint stays in {run.checkpoints}"
-        if has_checkpoint(run)
+        if (run.state_dir / STATE_FILE).is_file()
         else "no checkpoint was written yet"
     )
-    raise FloatingPointError(
+    raise TrainingDiverged(
         f"ppo: iteration {iteration}: non-finite {what}; {kept} "
         "(lower ppo.actor_lr / ppo.critic_lr, or check models/reward_model, and rerun)"
     )
@@ -235,15 +243,16 @@ def train_ppo(params: Params) -> dict[str, float]:
     run = setup(params)
     start = time.perf_counter()
     for iteration in range(run.iteration, cfg.num_iterations):
+        stop_if_signalled()  # a SIGTERM whose exception library code swallowed
         began = time.perf_counter()
         experience, stats = rollout(run, iteration)
         stats |= update(run, experience, iteration)
         stats["time/episodes_per_s"] = cfg.rollout_batch_size / (time.perf_counter() - began)
+        stats = _mean_over_ranks(run, stats, iteration)
         if cfg.adaptive_kl is not None:  # every process steers with the same (mean) KL
-            kl = torch.tensor(stats["objective/kl"], device=run.accelerator.device)
             run.kl_coef = adaptive_kl_coef(
                 run.kl_coef,
-                run.accelerator.reduce(kl, "mean").item(),
+                stats["objective/kl"],
                 cfg.adaptive_kl.target,
                 cfg.adaptive_kl.horizon,
                 cfg.rollout_batch_size,
@@ -252,11 +261,16 @@ def train_ppo(params: Params) -> dict[str, float]:
         run.iteration = iteration + 1
         _report(run, stats, experience, began)
         if run.iteration % cfg.checkpoint_every == 0 and run.iteration < cfg.num_iterations:
-            run.accelerator.wait_for_everyone()
-            if run.accelerator.is_main_process:
-                save_checkpoint(run)
+            state = {
+                "iteration": run.iteration,
+                "kl_coef": run.kl_coef,
+                "history": run.history,
+                "actor_scheduler": run.actor_scheduler.state_dict(),
+                "critic_scheduler": run.critic_scheduler.state_dict(),
+            }
+            save_checkpoint(run.accelerator, run.state_dir, state)
     metrics = _summary(run.history) | {"train_runtime_s": time.perf_counter() - start}
-    run.accelerator.wait_for_everyone()
+    _check_replicas(run)
     if run.accelerator.is_main_process:
         _save_policy(run)
         write_json(
@@ -266,9 +280,30 @@ def train_ppo(params: Params) -> dict[str, float]:
     return metrics
 
 
+def _mean_over_ranks(run: PPORun, stats: dict[str, float], iteration: int) -> dict[str, float]:
+    """Each process's statistics of its own rollouts → their mean over processes, the same on
+    every one: what is logged, summarised and steered by. One process: unchanged."""
+    accelerator = run.accelerator
+    if accelerator.num_processes == 1:
+        return stats
+    log.info(
+        "ppo: iteration %d, rank %d of %d (its own rollouts): score %.6f  kl %.6f",
+        iteration + 1,
+        accelerator.process_index,
+        accelerator.num_processes,
+        stats["objective/scores"],
+        stats["objective/kl"],
+    )
+    keys = sorted(stats)
+    local = torch.tensor([stats[k] for k in keys], dtype=torch.float64, device=accelerator.device)
+    return dict(zip(keys, accelerator.reduce(local, "mean").tolist(), strict=True))
+
+
 def _report(run: PPORun, stats: dict[str, float], experience: Experience, began: float) -> None:
     """Progress line, MLflow metrics, and every `sample_every` iterations a samples table."""
     cfg = run.params.ppo
+    if not run.accelerator.is_main_process:
+        return
     log.info(
         "ppo: iteration %d/%d  score %.3f  kl %.3f  eos %.2f  (%.1f s)",
         run.iteration,
@@ -278,9 +313,8 @@ def _report(run: PPORun, stats: dict[str, float], experience: Experience, began:
         stats["val/eos_rate"],
         time.perf_counter() - began,
     )
-    if not run.accelerator.is_main_process:
-        return
-    mlflow.log_metrics(stats, step=run.iteration - 1)
+    if run.iteration - 1 > run.logged_until:  # a resumed run has the steps before its kill
+        mlflow.log_metrics(stats, step=run.iteration - 1)
     if run.iteration % cfg.sample_every == 0 or run.iteration == cfg.num_iterations:
         _log_rollout_samples(run, experience, run.iteration - 1)
 
@@ -321,10 +355,23 @@ def _summary(history: list[dict[str, float]]) -> dict[str, float]:
     }
 
 
+def _check_replicas(run: PPORun) -> None:
+    """Several processes: every one must end with the same actor (DDP averages the gradients,
+    so the copies move together); a difference would make models/ppo/ rank 0's alone."""
+    accelerator = run.accelerator
+    if accelerator.num_processes == 1:
+        return
+    weights = accelerator.unwrap_model(run.actor).parameters()
+    checksum = torch.stack([p.detach().double().abs().sum() for p in weights]).sum()
+    checksums = accelerator.gather(checksum.reshape(1).to(accelerator.device)).tolist()
+    if len(set(checksums)) > 1:
+        raise TrainingDiverged(f"ppo: the actor differs between processes: checksums {checksums}")
+    if accelerator.is_main_process:
+        log.info("ppo: actor identical on %d processes (checksum %.12e)", len(checksums), checksum)
+
+
 def _save_policy(run: PPORun) -> None:
     """models/ppo/: the actor (LoRA merged) in the model dtype, with the SFT tokenizer."""
-    from transformers import AutoTokenizer
-
     actor = run.accelerator.unwrap_model(run.actor)
     if run.params.ppo.lora is not None:
         actor = actor.merge_and_unload()
@@ -332,4 +379,5 @@ def _save_policy(run: PPORun) -> None:
     with atomic_dir(MODELS_DIR / "ppo") as out:
         actor.config.use_cache = True  # gradient checkpointing turned it off for training
         actor.to(dtype(run.params.model.dtype, dev)).save_pretrained(out)
-        AutoTokenizer.from_pretrained(model_dir("sft")).save_pretrained(out)
+        load_tokenizer("sft", run.params.model).save_pretrained(out)
+        record_run(out)

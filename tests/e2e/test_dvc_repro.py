@@ -4,43 +4,32 @@ change re-runs exactly what it should. Small params keep it to a few minutes on 
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from ruamel.yaml import YAML
 
-from tests.conftest import write_params
-from tests.sizes import SMALL
+from flows.deployment import BIN
+from flows.services import free_port, stop_recorded
+from flows.testing import (
+    GIT_IDENTITY,
+    REPO,
+    Services,
+    clean_env,
+    copy_repo,
+    services,
+    upstream,
+    wait_http,
+    write_params,
+)
+from tasks.catalog import md5
+from tasks.stages import POLICIES, STAGES
 
 pytestmark = pytest.mark.slow
-
-REPO = Path(__file__).resolve().parents[2]
-BIN = REPO / ".venv" / "bin"
-# Small sizes for every stage; a key is only set when its section is in params.yaml (stages come
-# and go). `<stage>.trainer` keys are TRL config fields, so max_steps may be added there.
-E2E: dict[str, Any] = {
-    **SMALL,
-    **{
-        f"{stage}.trainer.{key}": value
-        for stage in ("sft", "reward_model", "dpo", "simpo")
-        for key, value in {"num_train_epochs": 1, "max_steps": 3, "logging_steps": 1}.items()
-    },
-    "ppo.num_iterations": 2,
-    "ppo.rollout_batch_size": 16,
-    "ppo.mini_batch_size": 8,
-    "ppo.ppo_epochs": 1,
-    "ppo.max_new_tokens": 8,
-    "ppo.checkpoint_every": 1,
-    "ppo.sample_every": 1,
-    "evaluate.max_prompts": 16,
-    "evaluate.max_new_tokens": 8,
-    "evaluate.num_samples_logged": 4,
-}
 
 
 def _yaml(path: Path) -> Any:
@@ -51,29 +40,10 @@ def _paths(entries: list[Any] | None) -> list[str]:
     return [p for e in entries or [] for p in (e if isinstance(e, dict) else [e])]
 
 
-def _settable(tree: dict[str, Any], dotted: str) -> bool:
-    """`dotted` exists in `tree`, or is a new key of a `trainer:` mapping that exists."""
-    parts = dotted.split(".")
-    if len(parts) > 1 and parts[-2] == "trainer":
-        parts = parts[:-1]
-    for key in parts:
-        if not isinstance(tree, dict) or key not in tree:
-            return False
-        tree = tree[key]
-    return True
-
-
 def _git(repo: Path, *args: str) -> str:
     return subprocess.run(
         ["git", *args], cwd=repo, check=True, capture_output=True, text=True
     ).stdout
-
-
-def _files(repo: Path, *args: str) -> list[str]:
-    out = subprocess.run(
-        ["git", "ls-files", "-z", *args], cwd=repo, check=True, capture_output=True
-    ).stdout
-    return [name for name in out.decode().split("\0") if name]
 
 
 def _mtimes(repo: Path, paths: list[str]) -> dict[str, int]:
@@ -87,55 +57,23 @@ def _mtimes(repo: Path, paths: list[str]) -> dict[str, int]:
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory: pytest.TempPathFactory, prefect_server: None) -> dict[str, Any]:
+def project(
+    tmp_path_factory: pytest.TempPathFactory, prefect_server: None
+) -> Iterator[dict[str, Any]]:
     """A git + DVC copy of the repository (committed and uncommitted-but-not-ignored files),
-    minus any stage output and dvc.lock, with small params and its own MLflow store.
+    minus any stage output and dvc.lock, with FAST params and its own MLflow store
+    (flows.testing.copy_repo and clean_env).
 
-    Stages report to the session's Prefect test server: an ephemeral server per `rlhf stage`
-    process costs ~20 s of start-up each, which would dominate this test."""
+    Stages report to the session's Prefect server and start in a warm process of the copy
+    (flows/warm.py), as `dvc repro` runs them for a user; it is stopped at the end."""
     import prefect.settings
 
     root = tmp_path_factory.mktemp("e2e")
-    repo = root / "repo"
-    stages = _yaml(REPO / "dvc.yaml")["stages"]
-    generated = {"dvc.lock"} | {
-        out
-        for stage in stages.values()
-        for key in ("outs", "metrics", "plots")
-        for out in _paths(stage.get(key))
-    }
-    names = set(_files(REPO)) | set(_files(REPO, "--others", "--exclude-standard"))
-    for name in sorted(names):
-        source = REPO / name
-        if not source.is_file() or any(name == g or name.startswith(g + "/") for g in generated):
-            continue
-        (repo / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(source, repo / name)
-
-    params = _yaml(REPO / "params.yaml")
-    write_params(repo / "params.yaml", {k: v for k, v in E2E.items() if _settable(params, k)})
-
-    env = {
-        key: value
-        for key, value in os.environ.items()
-        if not key.startswith(("PREFECT_", "MLFLOW_", "RLHF_", "DVC_", "GIT_"))
-    }
-    env |= {
-        "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}",
-        "PYTHONPATH": str(repo),  # the copy's flows/ and tasks/, not the editable install's
-        "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}",
-        "PREFECT_HOME": str(root / "prefect"),
-        "PREFECT_API_URL": prefect.settings.PREFECT_API_URL.value(),
-        "HF_HUB_OFFLINE": "1",
-        "DVC_SITE_CACHE_DIR": str(root / "dvc-site"),
-        "GIT_AUTHOR_NAME": "test",
-        "GIT_AUTHOR_EMAIL": "test@example.com",
-        "GIT_COMMITTER_NAME": "test",
-        "GIT_COMMITTER_EMAIL": "test@example.com",
-    }
-    for args in (["init", "-q"], ["add", "-A"], ["commit", "-q", "-m", "copy"]):
-        subprocess.run(["git", "-c", "commit.gpgsign=false", *args], cwd=repo, env=env, check=True)
-    return {"repo": repo, "root": root, "env": env, "stages": stages}
+    repo = copy_repo(root / "repo", {"tracking.system_metrics_interval_s": 0.5})  # short stages
+    env = clean_env(repo, root) | GIT_IDENTITY  # `dvc exp run` commits
+    env["PREFECT_API_URL"] = prefect.settings.PREFECT_API_URL.value()
+    yield {"repo": repo, "root": root, "env": env, "stages": _yaml(REPO / "dvc.yaml")["stages"]}
+    stop_recorded(repo / ".rlhf")
 
 
 def dvc(project: dict[str, Any], *args: str, timeout: float = 900) -> str:
@@ -227,6 +165,9 @@ def test_repro_runs_every_stage_then_nothing_then_what_changed(project: dict[str
             if dep in produced:
                 assert run.data.tags[f"dvc.dep.{dep}"] == produced[dep], (run.info.run_name, dep)
 
+    with services(project["root"] / "server-logs") as started:
+        what_users_compare(project, started, lock, runs)
+
     # 2. nothing changed: nothing runs, no output is touched
     before = _mtimes(repo, outputs(project))
     second = dvc(project, "repro")
@@ -259,23 +200,58 @@ def test_repro_runs_every_stage_then_nothing_then_what_changed(project: dict[str
     assert set(status) <= set(stages) - {"prepare"}
 
 
-def _downstream(project: dict[str, Any], name: str) -> set[str]:
-    """`name` and every stage that depends, directly or not, on its outputs."""
-    found = {name}
-    grew = True
-    while grew:
-        grew = False
-        made = [out for stage in found for out in outputs(project, stage)]
-        for other, stage in project["stages"].items():
-            deps = _paths(stage.get("deps"))
-            if other not in found and any(
-                dep == out or dep.startswith(f"{out}/") or out.startswith(f"{dep}/")
-                for dep in deps
-                for out in made
-            ):
-                found.add(other)
-                grew = True
-    return found
+def what_users_compare(
+    project: dict[str, Any], processes: Services, lock: dict[str, Any], runs: list[Any]
+) -> None:
+    """The pipeline's store served by a real `mlflow server`, read through the REST client:
+    what the UI needs for comparing runs (issue [5/5])."""
+    import mlflow
+    from prefect.artifacts import Artifact
+
+    repo, port = project["repo"], free_port()
+    env = {k: v for k, v in project["env"].items() if not k.startswith("MLFLOW_")}
+    command = [str(BIN / "mlflow"), "server", "--backend-store-uri"]
+    command += [project["env"]["MLFLOW_TRACKING_URI"], "--host", "127.0.0.1"]
+    server = processes.start(
+        "mlflow-server",
+        [*command, "--port", str(port), "--workers", "1"],
+        cwd=project["root"],
+        env=env | {"MLFLOW_DISABLE_TELEMETRY": "true"},
+    )
+    uri = f"http://127.0.0.1:{port}"
+    wait_http(f"{uri}/health", server)
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name("rlhf")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    by_name = {run.info.run_name: client.get_run(run.info.run_id) for run in runs}
+    outs = {out["path"]: out["md5"] for s in lock.values() for out in s.get("outs", [])}
+    for spec in STAGES:
+        run = by_name[spec.name]
+        inputs = {i.tags[0].value if i.tags else "": i.dataset for i in run.inputs.dataset_inputs}
+        if spec.kind in ("trl", "ppo"):  # its data, digest = DVC's md5 of the file
+            for split in ("train", "eval"):
+                path = repo / "data" / "prepared" / str(spec.dataset) / f"{split}.jsonl"
+                assert inputs[split].digest == md5(path), (spec.name, split)
+            models = client.search_logged_models(
+                [experiment.experiment_id], filter_string=f"source_run_id = '{run.info.run_id}'"
+            )
+            assert [m.tags["dvc.md5"] for m in models] == [outs[f"models/{spec.name}"]], spec.name
+            system = [k for k in run.data.metrics if k.startswith("system/")]
+            assert "system/cpu_utilization_percentage" in system, spec.name
+    children = client.search_runs(
+        [experiment.experiment_id],
+        f"tags.mlflow.parentRunId = '{by_name['evaluate'].info.run_id}'",
+    )
+    assert len(children) == len(POLICIES)
+    for child in children:
+        policy = child.data.tags["rlhf.policy"]
+        trained = by_name[policy]
+        assert child.data.params == trained.data.params, policy  # what produced it
+        assert child.data.tags["rlhf.trained_by_run"] == trained.info.run_id
+        assert child.data.tags["dvc.md5"] == outs[f"models/{policy}"]
+        assert child.data.tags["rlhf.pipeline_id"] == trained.data.tags["rlhf.pipeline_id"]
+    report = Artifact.get("evaluate-report")  # the table, in the Prefect UI too
+    assert report is not None and report.data == (repo / "reports" / "evaluate.md").read_text()
 
 
 def test_a_dpo_param_change_reruns_only_dpo(project: dict[str, Any]):
@@ -287,7 +263,7 @@ def test_a_dpo_param_change_reruns_only_dpo(project: dict[str, Any]):
     dvc(project, "repro")
     assert dvc_json(project, "status") == {}
 
-    rerun = _downstream(project, "dpo")
+    rerun = {"dpo"} | {spec.name for spec in STAGES if "dpo" in upstream(spec.name)}
     kept = sorted(set(stages) - rerun)
     assert {"prepare", "sft", "reward_model", "simpo"} <= set(kept)
     kept_outputs = [path for name in kept for path in outputs(project, name)]
@@ -296,12 +272,8 @@ def test_a_dpo_param_change_reruns_only_dpo(project: dict[str, Any]):
     dpo_metrics_before = json.loads((repo / "metrics" / "dpo.json").read_text())
     runs_before = len(mlflow_runs(project))
 
-    yaml = YAML()
-    tree = yaml.load(repo / "params.yaml")
-    beta = tree["dpo"]["trainer"]["beta"] * 2
-    tree["dpo"]["trainer"]["beta"] = beta
-    with (repo / "params.yaml").open("w") as out:
-        yaml.dump(tree, out)
+    beta = _yaml(repo / "params.yaml")["dpo"]["trainer"]["beta"] * 2
+    write_params(repo / "params.yaml", {"dpo.trainer.beta": beta}, base=repo / "params.yaml")
     assert set(dvc_json(project, "status")) == {"dpo"}
 
     output = dvc(project, "repro")
@@ -320,3 +292,22 @@ def test_a_dpo_param_change_reruns_only_dpo(project: dict[str, Any]):
     assert {r.info.status for r in new_runs} == {"FINISHED"}
     (dpo_run,) = [r for r in new_runs if r.info.run_name == "dpo"]
     assert float(dpo_run.data.params["dpo.trainer.beta"]) == beta
+
+
+def test_code_edits_make_stale_only_the_stages_that_run_that_code(project: dict[str, Any]):
+    """dvc.yaml's code deps follow the imports: an edit of PPO's losses makes only `ppo` stale
+    (evaluate imports nothing of tasks/ppo/; it reruns only if models/ppo changes), and an edit
+    of the registry or the params reader makes nothing stale."""
+    repo = project["repo"]
+    _git(repo, "checkout", "--", "params.yaml")
+    dvc(project, "repro")
+    assert dvc_json(project, "status") == {}
+    edits = {"tasks/ppo/losses.py": {"ppo"}, "tasks/stages.py": set(), "tasks/params.py": set()}
+    for path, stale in edits.items():
+        original = (repo / path).read_text()
+        (repo / path).write_text(original + "\n# an edit\n")
+        try:
+            assert set(dvc_json(project, "status")) == stale, path
+        finally:
+            (repo / path).write_text(original)
+    assert dvc_json(project, "status") == {}

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import shutil
 import subprocess
 import sys
@@ -21,17 +20,19 @@ from typing import Any
 
 import pytest
 import torch
+from prefect.artifacts import Artifact
 
-from tasks.config import load_params
+from flows.testing import SMALL, write_params
+from tasks.errors import MissingInput
 from tasks.evaluate import METRICS, best_policy
-from tests.conftest import mlflow_client, prepare_small, stage_runs, write_params
+from tasks.params import load_params
+from tasks.stages import POLICIES
+from tests.conftest import leftovers, mlflow_client, prepare_small, stage_dir, stage_runs
 from tests.integration.test_ppo_stage import build_models
-from tests.sizes import SMALL
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 REPO = Path(__file__).resolve().parents[2]
-POLICIES = ("sft", "ppo", "dpo", "simpo")
 REGISTERED = "tiny-evaluate-policy"  # not the default name: it must come from params
 OVERRIDES = SMALL | {
     "evaluate.max_prompts": 4,
@@ -42,6 +43,7 @@ OVERRIDES = SMALL | {
 # DVC's md5 of each upstream output, as dvc.lock would record it (fake, but distinct)
 MD5 = {name: f"{index:032x}.dir" for index, name in enumerate(("reward_model", *POLICIES), start=1)}
 PNG = b"\x89PNG\r\n\x1a\n"
+EVALUATE_DIRS = (".", "reports", "plots", "metrics")  # where a write may leave temp entries
 QUESTION = "What is 3 plus 4?"
 
 
@@ -90,18 +92,6 @@ def install(inputs: Path, root: Path) -> None:
     (root / "dvc.lock").write_text(json.dumps(lock))  # JSON is YAML
 
 
-def leftovers(root: Path) -> list[str]:
-    """Temp / old entries `atomic_dir` or `write_json` may leave beside the outputs."""
-    pattern = re.compile(r"^\..*\.(tmp|old)-")
-    return [
-        str(p.relative_to(root))
-        for parent in (root, root / "reports", root / "plots", root / "metrics")
-        if parent.exists()
-        for p in parent.iterdir()
-        if pattern.match(p.name)
-    ]
-
-
 def written(root: Path) -> dict[str, dict[str, float]]:
     return json.loads((root / "metrics" / "evaluate.json").read_text())
 
@@ -113,7 +103,7 @@ def inputs(tmp_path_factory: pytest.TempPathFactory, prefect_server: None) -> Pa
     prepare_small(root)
     build_models(root)
     models = root / "models"
-    for name in ("ppo", "dpo", "simpo"):
+    for name in POLICIES[1:]:  # every policy but the reference, sft
         shutil.copytree(models / "sft", models / name)
     perturb(models / "dpo", seed=7, std=0.3)
     perturb(models / "simpo", seed=8, std=0.1)
@@ -168,11 +158,8 @@ def evaluated(
 
     root = tmp_path_factory.mktemp("evaluate-run")
     install(inputs, root)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(root)
-        patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
-        returned = evaluate(load_params(write_params(root / "params.yaml", OVERRIDES)))
-    return root, returned
+    with stage_dir(root, OVERRIDES) as params:
+        return root, evaluate(params)
 
 
 # ---------------------------------------------------------------- DVC outputs
@@ -210,11 +197,12 @@ def test_metrics_report_and_plots(evaluated) -> None:
     rows = [line for line in markdown.splitlines() if line.startswith("| ")][1:]  # no header
     names = [row.strip("|").split("|")[0].strip() for row in rows]
     assert names == [f"**{p}**" if p == best else p for p in POLICIES]
+    assert Artifact.get("evaluate-report").data == markdown  # in the Prefect UI too
 
     # plots/evaluate.json: one row per policy, {policy, ...metrics}
     plots = json.loads((root / "plots" / "evaluate.json").read_text())
     assert plots == [{"policy": p} | metrics[p] for p in POLICIES]
-    assert leftovers(root) == []
+    assert leftovers(root, *EVALUATE_DIRS) == []
 
 
 # ---------------------------------------------------------------- MLflow
@@ -318,7 +306,7 @@ def test_missing_policy_is_an_error_unless_unlisted(
     install(inputs, workdir)
     shutil.rmtree(workdir / "models" / "dpo")
 
-    with pytest.raises(FileNotFoundError, match=r"models/dpo.*evaluate\.policies"):
+    with pytest.raises(MissingInput, match=r"models/dpo.*evaluate\.policies"):
         evaluate(load_params(make_params(OVERRIDES)))
     (failed,) = runs(workdir)
     assert failed.info.status == "FAILED"
@@ -326,7 +314,7 @@ def test_missing_policy_is_an_error_unless_unlisted(
     for output in ("metrics/evaluate.json", "plots/evaluate.json", "reports"):
         assert not (workdir / output).exists(), output
     assert mlflow_client(workdir).search_registered_models(f"name = '{REGISTERED}'") == []
-    assert leftovers(workdir) == []
+    assert leftovers(workdir, *EVALUATE_DIRS) == []
 
     policies = ["sft", "ppo", "simpo"]
     evaluate(load_params(make_params(OVERRIDES | {"evaluate.policies": policies})))
@@ -350,7 +338,7 @@ def test_cli_generate(generate_runs: dict[str, tuple[int, str, str]]) -> None:
     code, stdout, stderr = generate_runs["compare"]
     assert code == 0, stdout + stderr
     lines = stdout.splitlines()
-    existing = ["sft", "ppo", "simpo"]
+    existing = [policy for policy in POLICIES if policy != "dpo"]  # no models/dpo here
     assert lines[0] == QUESTION
     assert len(lines) == 1 + len(existing), stdout
     for line, name in zip(lines[1:], existing, strict=True):

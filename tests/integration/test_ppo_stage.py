@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -18,16 +17,18 @@ from typing import Any
 import pytest
 import torch
 
-from tasks.config import load_params
+from flows.testing import SMALL
+from tasks.errors import TrainingDiverged
+from tasks.params import load_params
 from tests.conftest import (
+    leftovers,
     mlflow_client,
     prepare_small,
     run_cli,
+    stage_dir,
     stage_runs,
     tasks_log,
-    write_params,
 )
-from tests.sizes import SMALL
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
@@ -44,6 +45,7 @@ PPO = {
 }
 OVERRIDES = SMALL | PPO
 INPUTS = ("data/prepared", "models/base", "models/sft", "models/reward_model")
+PPO_DIRS = ("models", "metrics", "checkpoints/ppo")  # where a write may leave temp entries
 # SPEC §5: logged once per iteration (ptx/loss only with ptx_coef > 0)
 ITERATION_METRICS = (
     "objective/kl",
@@ -132,11 +134,8 @@ def uninterrupted(inputs: Path, tmp_path_factory: pytest.TempPathFactory) -> tup
 
     root = tmp_path_factory.mktemp("ppo-uninterrupted")
     copy_inputs(inputs, root)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(root)
-        patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
-        metrics = ppo(load_params(write_params(root / "params.yaml", OVERRIDES)))
-    return root, metrics
+    with stage_dir(root, OVERRIDES) as params:
+        return root, ppo(params)
 
 
 def snapshot(model: Any) -> dict[str, torch.Tensor]:
@@ -150,7 +149,9 @@ def saved_weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 def trainer_state(root: Path) -> dict[str, Any]:
-    state = root / "checkpoints" / "ppo" / "state" / "trainer_state.pt"
+    from tasks.ppo.checkpoint import STATE_FILE
+
+    state = root / "checkpoints" / "ppo" / "state" / STATE_FILE
     return torch.load(state, map_location="cpu", weights_only=True)
 
 
@@ -165,18 +166,6 @@ def curve(root: Path) -> list[dict[str, float]]:
         with path.open() as f:
             return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
     return json.loads(path.read_text())
-
-
-def leftovers(root: Path) -> list[str]:
-    """Temp / old directories `atomic_dir` or `write_json` may leave beside the outputs."""
-    pattern = re.compile(r"^\..*\.(tmp|old)-")
-    return [
-        str(p.relative_to(root))
-        for parent in (root / "models", root / "metrics", root / "checkpoints" / "ppo")
-        if parent.exists()
-        for p in parent.iterdir()
-        if pattern.match(p.name)
-    ]
 
 
 class Interrupted(RuntimeError):
@@ -334,7 +323,7 @@ def test_stage_writes_outputs_and_logs_every_iteration(uninterrupted, tmp_path: 
 
     # nothing to resume, no temp dirs
     assert not (root / "checkpoints" / "ppo").exists()
-    assert leftovers(root) == []
+    assert leftovers(root, *PPO_DIRS) == []
 
     # MLflow: one finished run with every per-iteration metric at steps 0..N-1 and the summary
     (run,) = runs(root)
@@ -396,7 +385,7 @@ def test_resumed_run_ends_where_an_uninterrupted_run_ends(
     assert len(trainer_state(workdir)["history"]) == 2
     assert not (workdir / "models" / "ppo").exists()
     assert not (workdir / "metrics" / "ppo.json").exists()
-    assert leftovers(workdir) == []
+    assert leftovers(workdir, *PPO_DIRS) == []
     (failed,) = runs(workdir)
     assert failed.info.status == "FAILED"
     assert sorted(history(workdir, failed, "objective/scores")) == [0, 1, 2]
@@ -406,16 +395,17 @@ def test_resumed_run_ends_where_an_uninterrupted_run_ends(
 
     assert any("ppo: resuming at iteration 2" in m for m in log), log
     assert not any("discarding" in m for m in log), log
-    failed, resumed = runs(workdir)
-    assert failed.info.status == "FAILED"
+    (resumed,) = runs(workdir)  # the killed run, continued
     assert resumed.info.status == "FINISHED"
-    for key in ITERATION_METRICS:  # iterations 2 and 3 only: nothing before is redone
-        assert sorted(history(workdir, resumed, key)) == [2, 3], key
+    client = mlflow_client(workdir)
+    for key in ITERATION_METRICS:  # whole, and iteration 2 (replayed) logged once
+        logged = client.get_metric_history(resumed.info.run_id, key)
+        assert sorted(m.step for m in logged) == [0, 1, 2, 3], key
     reference_run = runs(reference_root)[0]
     for key in ("objective/scores", "objective/kl", "loss/policy", "loss/value"):
         expected = history(reference_root, reference_run, key)
         got = history(workdir, resumed, key)
-        assert got == pytest.approx({s: expected[s] for s in (2, 3)}, rel=1e-4, abs=1e-5), key
+        assert got == pytest.approx(expected, rel=1e-4, abs=1e-5), key
 
     # the same final policy and trajectory as the uninterrupted run
     expected_weights = saved_weights(reference_root / "models" / "ppo")
@@ -443,7 +433,7 @@ def test_nan_reward_stops_the_run_and_keeps_the_checkpoint(
     inputs: Path, workdir: Path, make_params, prefect_server, monkeypatch
 ):
     from flows.ppo import ppo
-    from tasks.ppo.rollout import TokenScorer
+    from tasks.scoring import TokenScorer
 
     copy_inputs(inputs, workdir)
     real_forward = TokenScorer.forward
@@ -457,16 +447,16 @@ def test_nan_reward_stops_the_run_and_keeps_the_checkpoint(
         return torch.full_like(out, float("nan")) if len(reward_calls) == 4 else out
 
     monkeypatch.setattr(TokenScorer, "forward", forward)
-    with pytest.raises(FloatingPointError, match=r"^ppo: iteration 3: .*reward") as caught:
+    with pytest.raises(TrainingDiverged, match=r"^ppo: iteration 3: .*reward") as caught:
         ppo(load_params(make_params(OVERRIDES)))
     assert "checkpoints/ppo" in str(caught.value)
     assert len(reward_calls) == 4
 
     assert trainer_state(workdir)["iteration"] == 2  # the last good checkpoint stays
-    assert (workdir / "checkpoints" / "ppo" / "state" / "actor.safetensors").is_file()
+    assert (workdir / "checkpoints" / "ppo" / "state" / "model.safetensors").is_file()  # actor
     assert not (workdir / "models" / "ppo").exists()
     assert not (workdir / "metrics" / "ppo.json").exists()
-    assert leftovers(workdir) == []
+    assert leftovers(workdir, *PPO_DIRS) == []
     (run,) = runs(workdir)
     assert run.info.status == "FAILED"
     assert sorted(history(workdir, run, "objective/scores")) == [0, 1, 2]
@@ -474,7 +464,7 @@ def test_nan_reward_stops_the_run_and_keeps_the_checkpoint(
 
 @pytest.mark.parametrize(
     ("loss", "what", "guarded"),
-    [("policy_loss", "actor loss", "actor"), ("value_loss", "value loss", "critic")],
+    [("policy_loss", "actor loss", "actor"), ("value_loss", "critic loss", "critic")],
 )
 def test_nan_loss_stops_before_the_optimizer_step(
     inputs: Path, workdir: Path, make_params, monkeypatch, loss: str, what: str, guarded: str
@@ -495,7 +485,7 @@ def test_nan_loss_stops_before_the_optimizer_step(
 
     monkeypatch.setattr(train, loss, nan_loss)
     with pytest.raises(
-        FloatingPointError,
+        TrainingDiverged,
         match=rf"^ppo: iteration 1: non-finite {what}; no checkpoint was written yet",
     ):
         train.update.fn(run, experience, 1)

@@ -11,10 +11,12 @@ from typing import Any
 
 import pytest
 
-from tasks.config import STAGE_SECTIONS, load_params
+from flows.testing import SMALL
+from tasks.errors import DataError, ParamsError
+from tasks.params import load_params
+from tasks.stages import STAGE
 from tasks.tracking import flatten
-from tests.conftest import run_cli, stage_runs
-from tests.sizes import SMALL
+from tests.conftest import leftovers, run_cli, stage_runs
 
 pytestmark = pytest.mark.slow
 
@@ -53,18 +55,6 @@ def snapshot(*roots: Path) -> dict[str, str]:
         for path in paths:
             files[str(path)] = hashlib.sha256(path.read_bytes()).hexdigest()
     return files
-
-
-def leftovers(workdir: Path) -> list[str]:
-    """Temp / old directories `atomic_dir` or `write_json` may leave beside the outputs."""
-    pattern = re.compile(r"^\..*\.(tmp|old)-")
-    return [
-        str(p.relative_to(workdir))
-        for parent in (workdir / "data", workdir / "models", workdir / "metrics")
-        if parent.exists()
-        for p in parent.iterdir()
-        if pattern.match(p.name)
-    ]
 
 
 def count_lines(path: Path) -> int:
@@ -141,7 +131,7 @@ def test_prepare_writes_outputs_and_one_mlflow_run(
 
     # DVC metrics: exactly the returned dict
     assert json.loads((workdir / "metrics" / "prepare.json").read_text()) == result
-    assert leftovers(workdir) == []
+    assert leftovers(workdir, "data", "models", "metrics") == []
 
     # MLflow: one finished run with the stage's params, lineage tags, metrics and stats.json
     import mlflow
@@ -152,7 +142,7 @@ def test_prepare_writes_outputs_and_one_mlflow_run(
     assert params["data.synthetic.num_sft"] == "200"
     assert params["model.tiny.hidden_size"] == "32"
     assert params["common.seed"] == "42"
-    assert {key.split(".")[0] for key in params} == set(STAGE_SECTIONS["prepare"])
+    assert {key.split(".")[0] for key in params} == set(STAGE["prepare"].sections)
     tags = run.data.tags
     assert tags["rlhf.stage"] == "prepare"
     assert tags["rlhf.pipeline_id"] == "pipeline-under-test"
@@ -181,13 +171,13 @@ def test_pipeline_id_without_env_is_generated(
 def test_failing_run_leaves_nothing_and_marks_run_failed(
     workdir: Path, make_params, prefect_server
 ):
-    with pytest.raises(ValueError, match=r"bad\.jsonl:2: malformed JSON"):
+    with pytest.raises(DataError, match=r"bad\.jsonl:2: malformed JSON"):
         run_prepare(make_params, bad_source(workdir))
 
     assert not (workdir / "data" / "prepared").exists()
     assert not (workdir / "models" / "base").exists()
     assert not (workdir / "metrics" / "prepare.json").exists()
-    assert leftovers(workdir) == []
+    assert leftovers(workdir, "data", "models", "metrics") == []
     (run,) = runs(workdir)
     assert run.info.status == "FAILED"
 
@@ -199,12 +189,12 @@ def test_failed_rerun_keeps_previous_outputs(workdir: Path, make_params, prefect
     before = snapshot(*outputs, metrics)
     assert len(before) > 10
 
-    with pytest.raises(ValueError, match="malformed JSON"):
+    with pytest.raises(DataError, match="malformed JSON"):
         run_prepare(make_params, bad_source(workdir))
 
     assert snapshot(*outputs, metrics) == before
     assert json.loads(metrics.read_text()) == good
-    assert leftovers(workdir) == []
+    assert leftovers(workdir, "data", "models", "metrics") == []
     assert [r.info.status for r in runs(workdir)] == ["FINISHED", "FAILED"]
 
 
@@ -235,16 +225,17 @@ def test_missing_local_base_model_is_one_clear_error(
     workdir: Path, make_params, prefect_server, tmp_path: Path
 ):
     missing = tmp_path / "no-such-model"
-    with pytest.raises(ValueError) as caught:
+    with pytest.raises(ParamsError) as caught:
         run_prepare(make_params, {"model.base": str(missing)})
     message = str(caught.value)
-    assert "model.base" in message
+    assert caught.value.key == "model.base"
+    assert message.startswith("model.base: ")
     assert str(missing) in message
     assert "does not exist" in message
     assert "\n" not in message
     assert not (workdir / "data" / "prepared").exists()
     assert not (workdir / "models" / "base").exists()
-    assert leftovers(workdir) == []
+    assert leftovers(workdir, "data", "models", "metrics") == []
     (run,) = runs(workdir)
     assert run.info.status == "FAILED"
 
@@ -260,7 +251,11 @@ def test_cli_reports_missing_base_model_in_one_line(
     assert done.returncode == 1, done.stdout + done.stderr
     errors = [line for line in done.stderr.splitlines() if line.startswith("rlhf: error:")]
     assert len(errors) == 1, done.stderr
-    assert "model.base" in errors[0]
+    # the params file given (not "params.yaml"), the line of the key, the key
+    line = 1 + next(
+        n for n, text in enumerate(params.read_text().splitlines()) if text.startswith("  base:")
+    )
+    assert errors[0].startswith(f"rlhf: error: {params}:{line}: model.base: "), errors[0]
     assert str(missing) in errors[0]
     assert "Traceback" not in done.stderr
     assert not (workdir / "models" / "base").exists()
@@ -300,10 +295,10 @@ def _leaf_keys(tree: dict[str, Any], prefix: str = "") -> set[str]:
 
 def _stage_sections(stage: str) -> dict[str, Any]:
     params = load_params(REPO / "params.yaml")
-    return {name: getattr(params, name).model_dump() for name in STAGE_SECTIONS[stage]}
+    return {name: getattr(params, name).model_dump() for name in STAGE[stage].sections}
 
 
-@pytest.mark.parametrize("stage", sorted(STAGE_SECTIONS))
+@pytest.mark.parametrize("stage", sorted(STAGE))
 def test_flatten_keeps_every_real_param(stage: str):
     """Every key of params.yaml a stage reads becomes an MLflow param (none is a secret)."""
     sections = _stage_sections(stage)

@@ -1,4 +1,4 @@
-"""The TRL stages (sft, reward_model, dpo, simpo) end to end on a tiny model: weights move, the
+"""The TRL stages (the registry's TRL_STAGES) end to end on a tiny model: weights move, the
 MLflow run holds the trainer's per-step metrics, outputs reload, checkpoints resume or go.
 
 One module-scoped `prepare` and one run of each stage are shared by the stage tests; the resume
@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,23 +16,24 @@ from typing import Any
 
 import pytest
 
-from tasks.config import load_params
-from tasks.trainers import REWARD_STATS, SUMMARY
+from flows.cli import stage_flow
+from flows.testing import SMALL
+from tasks.params import load_params
+from tasks.scoring import REWARD_STATS
+from tasks.stages import STAGE, TRL_STAGES
 from tests.conftest import (
+    leftovers,
     mlflow_client,
     prepare_small,
     run_cli,
+    stage_dir,
     stage_runs,
     tasks_log,
-    write_params,
 )
-from tests.sizes import SMALL
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
-REPO = Path(__file__).resolve().parents[2]
-STAGES = ("sft", "reward_model", "dpo", "simpo")
-POLICIES = ("sft", "dpo", "simpo")  # causal LMs; these log a samples table
+POLICIES = tuple(name for name in TRL_STAGES if STAGE[name].policy)  # these log samples
 STEPS = 4
 TRAINER = {
     "max_steps": STEPS,
@@ -41,20 +41,33 @@ TRAINER = {
     "per_device_train_batch_size": 8,
     "per_device_eval_batch_size": 32,
 }
-TRAIN = SMALL | {f"{s}.trainer.{k}": v for s in STAGES for k, v in TRAINER.items()}
-# Expected keys of metrics/<stage>.json besides SUMMARY's: what `train` adds per stage.
+ONLINE = tuple(name for name in TRL_STAGES if STAGE[name].online)
+TRAIN = (
+    SMALL
+    | {f"{s}.trainer.{k}": v for s in TRL_STAGES for k, v in TRAINER.items()}
+    # 2 prompts × 4 completions per step; a completions table every 2 steps
+    | {f"{s}.trainer.num_generations": 4 for s in ONLINE}
+    | {f"{s}.sample_every": 2 for s in ONLINE}
+)
+# Expected keys of metrics/<stage>.json besides the spec's summary: what `train` adds per stage
+# (test_every_trl_stage_has_expectations: one entry per TRL stage).
 EXTRA_KEYS = {
     "sft": {"eval_perplexity", "train_tokens_per_second"},
     "reward_model": {"reward_mean", "reward_std", "train_tokens_per_second"},
     "dpo": {"train_tokens_per_second"},
     "simpo": set(),  # CPOTrainer counts no tokens: no throughput
+    "grpo": {"train_tokens_per_second", "eval_rewards/reward_model"},
+    "rloo": {"train_tokens_per_second", "eval_rewards/reward_model"},
 }
+ONLINE_STEP_KEYS = {"loss", "learning_rate", "grad_norm", "reward", "reward_std", "kl"}
 # Per-step metrics the trainer's MLflow callback logs (at steps 1..STEPS into the stage's run).
 STEP_KEYS = {
     "sft": {"loss", "learning_rate", "grad_norm"},
     "reward_model": {"loss", "learning_rate", "grad_norm"},
     "dpo": {"loss", "learning_rate", "grad_norm", "rewards/margins"},
     "simpo": {"loss", "learning_rate", "grad_norm", "rewards/margins"},
+    "grpo": ONLINE_STEP_KEYS | {"rewards/reward_model/mean", "completions/mean_length"},
+    "rloo": ONLINE_STEP_KEYS | {"rewards/reward_model/mean", "completions/mean_length"},
 }
 # Resume: a checkpoint every 2 steps out of 6.
 RESUME = SMALL | {
@@ -68,16 +81,6 @@ RESUME = SMALL | {
 
 
 # ---------------------------------------------------------------- helpers
-
-
-def run_stage(stage: str, params: Any) -> dict[str, float]:
-    from flows.dpo import dpo
-    from flows.reward_model import reward_model
-    from flows.sft import sft
-    from flows.simpo import simpo
-
-    flow = {"sft": sft, "reward_model": reward_model, "dpo": dpo, "simpo": simpo}[stage]
-    return flow(params)
 
 
 def runs(root: Path, name: str | None = None) -> list[Any]:
@@ -111,18 +114,6 @@ def unchanged(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
     return [name for name in before if torch.equal(before[name], after[name])]
 
 
-def leftovers(root: Path) -> list[str]:
-    """Temp / old directories `atomic_dir` or `write_json` may leave beside the outputs."""
-    pattern = re.compile(r"^\..*\.(tmp|old)-")
-    return [
-        str(p.relative_to(root))
-        for parent in (root / "models", root / "metrics")
-        if parent.exists()
-        for p in parent.iterdir()
-        if pattern.match(p.name)
-    ]
-
-
 def copy_inputs(src: Path, dst: Path, *paths: str) -> None:
     for rel in paths:
         shutil.copytree(src / rel, dst / rel)
@@ -140,18 +131,12 @@ def prepared(tmp_path_factory: pytest.TempPathFactory, prefect_server: None) -> 
 def trained(
     prepared: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> tuple[Path, dict[str, dict[str, float]]]:
-    """sft, then reward_model, dpo and simpo from it, each for a few steps, in one directory.
-    → (directory, {stage: returned metrics})"""
+    """Every TRL stage in pipeline order (sft, then those that start from it), each for a few
+    steps, in one directory. → (directory, {stage: returned metrics})"""
     root = tmp_path_factory.mktemp("trained")
     copy_inputs(prepared, root, "data/prepared", "models/base")
-    results = {}
-    with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(root)
-        patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
-        params = load_params(write_params(root / "params.yaml", TRAIN))
-        for stage in STAGES:
-            results[stage] = run_stage(stage, params)
-    return root, results
+    with stage_dir(root, TRAIN) as params:
+        return root, {stage: stage_flow(stage)(params) for stage in TRL_STAGES}
 
 
 class Interrupted(RuntimeError):
@@ -181,14 +166,18 @@ def checkpoint_saves(interrupt: bool = False) -> Iterator[list[int]]:
 # ---------------------------------------------------------------- each stage end to end
 
 
-@pytest.mark.parametrize("stage", STAGES)
+def test_every_trl_stage_has_expectations():
+    assert set(EXTRA_KEYS) == set(STEP_KEYS) == set(TRL_STAGES)
+
+
+@pytest.mark.parametrize("stage", TRL_STAGES)
 def test_stage_trains_saves_and_logs(trained, stage: str, tmp_path: Path):
     root, results = trained
     out = root / "models" / stage
-    is_reward = stage == "reward_model"
+    is_reward = STAGE[stage].head == "scorer"
 
     # every trainable parameter moved away from the starting model
-    start = root / "models" / ("base" if stage == "sft" else "sft")
+    start = root / "models" / STAGE[stage].start
     before, after = weights(start), weights(out, head=is_reward)
     if is_reward:  # a new 1-output score head on the SFT backbone (the LM head is dropped)
         assert after["score.weight"].shape == (1, before["model.embed_tokens.weight"].shape[1])
@@ -232,17 +221,18 @@ def test_stage_trains_saves_and_logs(trained, stage: str, tmp_path: Path):
     metrics = json.loads((root / "metrics" / f"{stage}.json").read_text())
     assert metrics == pytest.approx(results[stage])
     assert (
-        set(metrics) == {"train_loss", "train_runtime_s"} | set(SUMMARY[stage]) | EXTRA_KEYS[stage]
+        set(metrics)
+        == {"train_loss", "train_runtime_s"} | set(STAGE[stage].summary) | EXTRA_KEYS[stage]
     )
     assert all(math.isfinite(v) for v in metrics.values()), metrics
 
     # nothing left to resume, no temp dirs
     assert not (root / "checkpoints" / stage).exists()
-    assert leftovers(root) == []
+    assert leftovers(root, "models", "metrics") == []
 
     # MLflow: one finished run named after the stage (the trainer opened none of its own),
     # holding the trainer's per-step metrics and the summary
-    assert sorted(r.info.run_name for r in runs(root)) == sorted(STAGES)
+    assert sorted(r.info.run_name for r in runs(root)) == sorted(TRL_STAGES)
     (run,) = runs(root, stage)
     assert run.info.status == "FINISHED"
     assert run.data.tags["rlhf.stage"] == stage
@@ -251,7 +241,9 @@ def test_stage_trains_saves_and_logs(trained, stage: str, tmp_path: Path):
         assert steps(root, run, key) == list(range(1, STEPS + 1)), key
     logged = run.data.metrics
     assert {k: logged[k] for k in metrics} == pytest.approx(metrics)
-    for key in SUMMARY[stage].values():  # the trainer's own final evaluation, at its last step
+    for key in STAGE[
+        stage
+    ].summary.values():  # the trainer's own final evaluation, at its last step
         assert steps(root, run, key)[-1] == STEPS, key
 
     # artifacts: the resolved TRL config; a samples table for a policy
@@ -265,6 +257,18 @@ def test_stage_trains_saves_and_logs(trained, stage: str, tmp_path: Path):
     assert config["seed"] == 42
     if stage == "simpo":
         assert (config["loss_type"], config["cpo_alpha"]) == ("simpo", 0.0)
+    if stage in ONLINE:  # the weights of `rewards`, a completions table every sample_every
+        assert config["reward_weights"] == [1.0]
+        assert config["num_generations"] == 4
+        tables = [
+            a.path
+            for a in mlflow_client(root).list_artifacts(run.info.run_id, f"{stage}_completions")
+        ]
+        assert tables == [f"{stage}_completions/step_0000{n}.json" for n in (2, 4)]
+        table = artifact_json(root, run, tables[-1], tmp_path)
+        assert table["columns"] == ["prompt", "completion", "reward_model", "step"]
+        assert len(table["data"]) == 8  # the step's 2 prompts × 4 completions
+        assert {row[-1] for row in table["data"]} == {STEPS}
     if stage in POLICIES:
         assert f"{stage}_samples.json" in artifacts
         table = artifact_json(root, run, f"{stage}_samples.json", tmp_path)
@@ -308,12 +312,12 @@ def interrupted(prepared: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     saving checkpoint-2."""
     root = tmp_path_factory.mktemp("interrupted")
     copy_inputs(prepared, root, "data/prepared", "models/base")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(root)
-        patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
-        params = load_params(write_params(root / "params.yaml", RESUME))
-        with checkpoint_saves(interrupt=True) as saved, pytest.raises(Interrupted):
-            run_stage("sft", params)
+    with (
+        stage_dir(root, RESUME) as params,
+        checkpoint_saves(interrupt=True) as saved,
+        pytest.raises(Interrupted),
+    ):
+        stage_flow("sft")(params)
     assert saved == [2]
     return root
 
@@ -332,7 +336,7 @@ def test_interrupted_stage_leaves_a_checkpoint_and_a_failed_run(interrupted: Pat
     assert (checkpoints / "params.json").is_file()
     assert not (interrupted / "models" / "sft").exists()
     assert not (interrupted / "metrics" / "sft.json").exists()
-    assert leftovers(interrupted) == []
+    assert leftovers(interrupted, "models", "metrics") == []
     (run,) = runs(interrupted, "sft")
     assert run.info.status == "FAILED"
     assert steps(interrupted, run) == [1, 2]
@@ -344,7 +348,7 @@ def test_rerun_resumes_from_the_checkpoint(
     resume_in(workdir, interrupted)
     params = load_params(make_params(RESUME))
     with checkpoint_saves() as saved, tasks_log() as log:
-        metrics = run_stage("sft", params)
+        metrics = stage_flow("sft")(params)
 
     assert any("resuming from checkpoints/sft/checkpoint-2" in m for m in log), log
     assert not any("discarding" in m for m in log), log
@@ -364,7 +368,7 @@ def test_checkpoint_of_other_params_is_discarded(
     resume_in(workdir, interrupted)
     params = load_params(make_params(RESUME | {"sft.trainer.learning_rate": 1.0e-3}))
     with checkpoint_saves() as saved, tasks_log() as log:
-        run_stage("sft", params)
+        stage_flow("sft")(params)
 
     assert any("discarding checkpoints of other params or inputs" in m for m in log), log
     assert not any("resuming" in m for m in log), log

@@ -1,13 +1,12 @@
 """The deployment backend against real services on 127.0.0.1: a Prefect server (its own SQLite
-database), a process worker in a git copy of the repository with tiny params, the deployments
+database), a process worker in a git copy of the repository with FAST params, the deployments
 of prefect.yaml registered by `rlhf deploy`; then `dvc repro` with RLHF_ORCHESTRATION=deployment
 runs the stages on the worker, a failing run fails `dvc repro`, a run past its timeout is
-cancelled. And `rlhf up` / `rlhf down`."""
+cancelled. And `rlhf up` / `rlhf down`. The helpers are flows/testing.py's."""
 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import time
 import urllib.request
@@ -18,25 +17,25 @@ from typing import Any
 import pytest
 from ruamel.yaml import YAML
 
-from flows.deployment import stage_outputs
-from tasks.config import load_params
-from tests.service.stack import (
-    BIN,
+import tasks.stages
+from flows.deployment import BIN, stage_outputs
+from flows.services import alive, free_port, listening, process_family, stop_process_tree
+from flows.testing import (
     REPO,
     Services,
     clean_env,
     copy_repo,
-    free_port,
-    listening,
     start_prefect_server,
     start_worker,
     wait_for_pool,
+    write_params,
 )
+from tasks.params import load_params
 
 pytestmark = [pytest.mark.service, pytest.mark.slow]
 
 POOL = "rlhf-test"
-STAGES = ("prepare", "sft")
+STAGES = tuple(spec.name for spec in tasks.stages.STAGES[:2])  # prepare, sft: seconds each
 
 
 @dataclass
@@ -228,10 +227,8 @@ def test_a_failing_run_fails_dvc_repro(
 
 
 def test_a_run_past_its_timeout_is_cancelled(stack: Stack) -> None:
-    from tests.service.stack import write_params
-
     params = write_params(stack.root / "timeout.yaml", {"orchestration.timeout_s": 1})
-    # the copy's params are TINY: the timeout is the only difference that matters here
+    # not the copy's FAST params: the timeout is the only difference that matters here
     started = time.monotonic()
     done = stack.run(
         str(BIN / "rlhf"),
@@ -290,6 +287,10 @@ def test_rlhf_up_starts_both_servers_and_rlhf_down_stops_them(
         ):
             with urllib.request.urlopen(url, timeout=10) as response:
                 assert response.status == 200, url
+        # the UI calls the API of its own port (it said 4200 whatever --prefect-port was)
+        with urllib.request.urlopen(f"http://127.0.0.1:{prefect_port}/ui-settings") as response:
+            settings = json.loads(response.read())
+        assert settings["api_url"] == f"http://127.0.0.1:{prefect_port}/api"
         pid_files = sorted(p.name for p in state.glob("*.pid"))
         assert pid_files == ["mlflow.pid", "prefect.pid", "worker.pid"]
         pids = [int(p.read_text()) for p in state.glob("*.pid")]
@@ -315,30 +316,10 @@ def test_rlhf_up_starts_both_servers_and_rlhf_down_stops_them(
 
 
 def _group_alive(pgid: int) -> bool:
-    import psutil
-
-    for process in psutil.process_iter():
-        try:
-            if os.getpgid(process.pid) == pgid and process.status() != psutil.STATUS_ZOMBIE:
-                return True
-        except (psutil.Error, OSError):
-            continue
-    return False
+    return any(alive(process) for process in process_family(pgid))
 
 
 def _stop_leftovers(state: Path) -> None:
     """What `rlhf up` started here and `rlhf down` did not stop (the test failed)."""
-    import signal
-
     for pid_file in state.glob("*.pid"):
-        pgid = int(pid_file.read_text())
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            if not _group_alive(pgid):
-                break
-            try:
-                os.killpg(pgid, sig)
-            except ProcessLookupError:
-                break
-            deadline = time.monotonic() + 15
-            while _group_alive(pgid) and time.monotonic() < deadline:
-                time.sleep(0.2)
+        stop_process_tree(int(pid_file.read_text()), 15.0)

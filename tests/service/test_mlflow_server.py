@@ -9,11 +9,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from prefect.artifacts import Artifact
 
-from tasks.config import STAGE_SECTIONS, load_params
+from flows.deployment import BIN
+from flows.services import free_port
+from flows.testing import SMALL, Services, wait_http
+from tasks.params import load_params
+from tasks.stages import STAGE
 from tasks.tracking import flatten
-from tests.service.stack import BIN, Services, free_port, wait_http
-from tests.sizes import SMALL
 
 pytestmark = [pytest.mark.service, pytest.mark.slow]
 
@@ -62,10 +65,11 @@ def test_a_stage_logs_its_run_to_an_mlflow_server(
     client = mlflow.MlflowClient(tracking_uri=uri)
     experiment = client.get_experiment_by_name(params.tracking.experiment)
     assert experiment is not None
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # runs table
     (run,) = client.search_runs([experiment.experiment_id])
     assert run.info.run_name == "prepare"
     assert run.info.status == "FINISHED"
-    sections = {name: getattr(params, name).model_dump() for name in STAGE_SECTIONS["prepare"]}
+    sections = {name: getattr(params, name).model_dump() for name in STAGE["prepare"].sections}
     assert run.data.params == {key: str(value) for key, value in flatten(sections).items()}
     assert run.data.tags["rlhf.stage"] == "prepare"
     assert run.data.tags["rlhf.seed"] == str(params.common.seed)
@@ -80,3 +84,33 @@ def test_a_stage_logs_its_run_to_an_mlflow_server(
     assert list((server_dir / "artifacts").rglob("stats.json"))
     assert (server_dir / "mlflow.db").is_file()
     assert not (workdir / "mlflow.db").exists() and not (workdir / "mlruns").exists()
+
+    # Its Prefect flow run links to it (the prefect_server fixture's server).
+    link = Artifact.get("mlflow-run-prepare")
+    assert link is not None and f"{uri}/#/experiments/{experiment.experiment_id}" in link.data
+    assert run.info.run_id in link.data
+
+
+def test_a_training_stage_logs_system_metrics(
+    workdir: Path,
+    make_params: Callable[..., Path],
+    prefect_server: None,
+) -> None:
+    import mlflow
+
+    from flows.prepare import prepare
+    from flows.sft import sft
+
+    fast = {"sft.trainer.max_steps": 6, "tracking.system_metrics_interval_s": 0.2}
+    params = load_params(make_params(SMALL | fast))
+    prepare(params)
+    sft(params)
+    client = mlflow.MlflowClient()
+    (run,) = client.search_runs(
+        [client.get_experiment_by_name(params.tracking.experiment).experiment_id],
+        "attributes.run_name = 'sft'",
+    )
+    system = {key for key in run.data.metrics if key.startswith("system/")}
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= system
+    (prepared,) = client.search_runs([run.info.experiment_id], "attributes.run_name = 'prepare'")
+    assert not [k for k in prepared.data.metrics if k.startswith("system/")]  # no training

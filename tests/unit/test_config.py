@@ -12,11 +12,13 @@ from pydantic import BaseModel, ValidationError
 from ruamel.yaml import YAML
 
 import flows.cli
-from tasks.config import Params, ParamsError, load_params
+from flows.testing import DELETE
+from tasks.errors import ParamsError
+from tasks.params import Params, check_trainers, load_params
 
 REPO = Path(__file__).resolve().parents[2]
 REPO_PARAMS = REPO / "params.yaml"
-MISSING = "missing key (every key is required; copy it from the project's params.yaml)"
+MISSING = "missing key (it has no default; copy it from the project's params.yaml)"
 PLAIN = (bool, int, float, str, type(None))
 
 
@@ -52,8 +54,9 @@ def text_line(path: Path, pattern: str) -> int:
 
 
 def load_error(path: Path) -> str:
+    """The one line reading `path` gives: the schema, then the TRL check of `trainer:` keys."""
     with pytest.raises(ParamsError) as info:
-        load_params(path)
+        check_trainers(load_params(path), path)
     message = str(info.value)
     assert "\n" not in message, message
     return message
@@ -192,7 +195,7 @@ ERRORS = [
         {"zzz": 1},
         "zzz",
         "zzz: unknown key (known keys: common, model, data, sft, reward_model, ppo, dpo, simpo, "
-        "evaluate, tracking, orchestration)",
+        "grpo, rloo, evaluate, tracking, orchestration)",
     ),
     (
         {"model.tiny.num_heads": "DELETE", "model.tiny.num_head": 4},
@@ -353,13 +356,60 @@ ERRORS = [
         "simpo.trainer.beta",
         "simpo.trainer.beta: 0.1 is DPO-sized; SimPO wants beta ≈ 2–10",
     ),
+    # the online stages: rewards and groups
+    (
+        {"grpo.rewards": {"reward_modle": 1.0}},
+        "grpo.rewards.reward_modle",
+        "grpo.rewards.reward_modle: input should be 'reward_model' or 'ground_truth', "
+        "got 'reward_modle'",
+    ),
+    (
+        {"rloo.rewards": {"reward_model": 1.0, "ground_truth": -0.5}},
+        "rloo.rewards.ground_truth",
+        "rloo.rewards.ground_truth: weight -0.5 is negative (use 0 or more)",
+    ),
+    (
+        {"grpo.trainer.num_generations": 1},
+        "grpo.trainer.num_generations",
+        "grpo.trainer.num_generations: 1; a group needs at least 2 completions per prompt "
+        "(its advantages compare them)",
+    ),
+    (
+        {"rloo.trainer.generation_batch_size": 12},
+        "rloo.trainer.num_generations",
+        "rloo.trainer.num_generations: 8 does not divide the 12 completions generated per step "
+        "(trainer.generation_batch_size, by default per_device_train_batch_size × processes × "
+        "steps_per_generation)",
+    ),
+    (
+        {"grpo.trainer.per_device_train_batch_size": 12},
+        "grpo.trainer.num_generations",
+        "grpo.trainer.num_generations: 8 does not divide the 12 completions generated per step "
+        "(trainer.generation_batch_size, by default per_device_train_batch_size × processes × "
+        "steps_per_generation)",
+    ),
+    (
+        {"grpo.trainer.reward_weights": [2.0]},
+        "grpo.trainer.reward_weights",
+        "grpo.trainer.reward_weights: set by the pipeline from rewards, remove it",
+    ),
+    (
+        {
+            "data.source": "local",
+            "data.preference.path": "data/raw/pairs.jsonl",
+            "grpo.rewards": {"reward_model": 1.0, "ground_truth": 1.0},
+        },
+        "grpo.rewards.ground_truth",
+        "grpo.rewards.ground_truth: data.source is 'local', whose prompts have no ground truth "
+        "(only the synthetic task's do); remove ground_truth from grpo.rewards",
+    ),
 ]
 
 
 @pytest.mark.parametrize(("overrides", "line_key", "expected"), ERRORS, ids=lambda v: str(v)[:60])
-def test_error_line(make_params, delete, overrides, line_key, expected) -> None:
-    overrides = {k: delete if v == "DELETE" else v for k, v in overrides.items()}
-    path = make_params(overrides)
+def test_error_line(make_params, overrides, line_key, expected) -> None:
+    overrides = {k: DELETE if v == "DELETE" else v for k, v in overrides.items()}
+    path = make_params(overrides, new_keys=True)  # some rows misspell a key on purpose
     line = key_line(path, line_key) if line_key else 1
     assert load_error(path) == f"{path}:{line}: {expected}"
 
@@ -460,7 +510,7 @@ def test_top_level_must_be_a_mapping(tmp_path, text) -> None:
     ],
 )
 def test_cli_bad_params_is_one_line(make_params, capsys, overrides, expected) -> None:
-    bad = make_params(overrides)
+    bad = make_params(overrides, new_keys=True)
     line = key_line(bad, next(iter(overrides)))
     assert flows.cli.main(["stage", "prepare", "--params", str(bad)]) == 1
     out, err = capsys.readouterr()
@@ -478,3 +528,42 @@ def test_cli_missing_params_file_is_one_line(tmp_path, capsys) -> None:
     assert err == (
         f"rlhf: error: {missing}: no such file (run from the project root or pass --params)\n"
     )
+
+
+def test_keys_with_an_obvious_default_may_be_left_out(tmp_path: Path) -> None:
+    from flows.testing import write_params
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n')
+    left_out = {
+        "data.source": "local",
+        "data.sft": DELETE,
+        "data.prompts": DELETE,
+        "data.preference": {"path": str(pairs)},
+        "sft.lora": DELETE,
+        "tracking.tracking_uri": DELETE,
+        "tracking.system_metrics": DELETE,
+    }
+    params = load_params(write_params(tmp_path / "p.yaml", left_out, base=REPO_PARAMS))
+    assert params.data.preference.path == str(pairs)
+    assert (params.data.preference.split, params.data.preference.columns) == ("train", {})
+    assert params.data.sft.path is None and params.data.prompts.name is None
+    assert params.sft.lora is None and params.tracking.tracking_uri is None
+    assert params.tracking.system_metrics is True
+
+
+def test_the_shipped_params_list_every_key_even_those_with_defaults() -> None:
+    from ruamel.yaml import YAML
+
+    raw = YAML(typ="safe").load(REPO_PARAMS.read_text(encoding="utf-8"))
+
+    def missing(model: type[BaseModel], tree: dict[str, Any], where: str) -> list[str]:
+        found = []
+        for name, field in model.model_fields.items():
+            if name not in tree:
+                found.append(f"{where}{name}")
+            elif isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+                found += missing(field.annotation, tree[name], f"{where}{name}.")
+        return found
+
+    assert missing(Params, raw, "") == []

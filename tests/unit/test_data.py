@@ -9,8 +9,10 @@ from typing import Any
 import pytest
 
 from tasks import data
-from tasks.config import DataSourceConfig, load_params
-from tasks.data import DataError, read_hub, read_local, to_trl
+from tasks.config import DataSourceConfig
+from tasks.data import read_hub, read_local, to_trl
+from tasks.errors import DataError
+from tasks.params import load_params
 from tasks.prepare import prepare_data
 
 pytestmark = pytest.mark.filterwarnings("ignore:Logger 'tasks.prepare' attempted to send logs")

@@ -1,6 +1,6 @@
 """Unit tests for the evaluate stage's pure parts: `compare`, `best_policy`, `samples_table` and
-`write_report` on handmade answers, `policy_dir`'s error, and `_judge` (reward score, exact KL to
-the reference, length, EOS) against brute-force per-row recomputations on tiny random Llamas."""
+`write_report` on handmade answers, `check_policies`'s error, and `_judge` (reward score, exact KL
+to the reference, length, EOS) against brute-force per-row recomputations on tiny random Llamas."""
 
 from __future__ import annotations
 
@@ -13,11 +13,14 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from tasks.evaluate import METRICS, _judge, best_policy, compare, policy_dir, samples_table
-from tasks.ppo.rollout import TokenScorer
+from tasks.errors import MissingInput
+from tasks.evaluate import METRICS, _judge, best_policy, check_policies, compare, samples_table
 from tasks.report import LEGEND, plot_rows, write_report
+from tasks.scoring import TokenScorer
 from tasks.synthetic import ground_truth
-from tests.tiny import BOS, EOS, MAX_NEW, PAD, VOCAB, init_std, tiny_config
+from tests.tiny import EOS, MAX_NEW, PAD, random_prompts
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 # ----------------------------------------------------------------------------- handmade answers
 
@@ -72,6 +75,8 @@ EXPECTED = {
         "response_length": 12.25,
         "eos_rate": 1.0,
         "ground_truth_score": 1.0,
+        "ground_truth_correct": 1.0,
+        "ground_truth_polite": 1.0,
     },
     "sft": {
         "reward_mean": 0.4375,
@@ -81,6 +86,8 @@ EXPECTED = {
         "response_length": 7.0,
         "eos_rate": 0.75,
         "ground_truth_score": 0.5,
+        "ground_truth_correct": 0.5,  # 7 and 12 right; 4 and 3 wrong
+        "ground_truth_polite": 0.5,
     },
     "dpo": {
         "reward_mean": -0.25,
@@ -90,6 +97,8 @@ EXPECTED = {
         "response_length": 12.5,
         "eos_rate": 0.5,
         "ground_truth_score": 0.125,
+        "ground_truth_correct": 0.25,  # only "2"
+        "ground_truth_polite": 0.0,
     },
 }
 
@@ -103,6 +112,8 @@ def test_metrics_keys_are_the_issue_s() -> None:
         "response_length",
         "eos_rate",
         "ground_truth_score",
+        "ground_truth_correct",
+        "ground_truth_polite",
     )
 
 
@@ -127,7 +138,7 @@ def test_compare_without_ground_truth_never_calls_the_scorer() -> None:
     # conversational prompts: the arithmetic scorer would raise on them
     prompts = [[{"role": "user", "content": f"question {i}"}] for i in range(4)]
     metrics = compare(ANSWERS, prompts, synthetic=False)
-    keys = set(METRICS) - {"ground_truth_score"}
+    keys = {key for key in METRICS if not key.startswith("ground_truth")}
     for policy, values in metrics.items():
         assert set(values) == keys, policy
         expected = {k: v for k, v in EXPECTED[policy].items() if k in keys}
@@ -271,60 +282,30 @@ def test_write_report(tmp_path: Path) -> None:
     assert "| **sft** |" in markdown and "| **ppo** |" not in markdown
 
 
-# ----------------------------------------------------------------------------- policy_dir
+# ----------------------------------------------------------------------------- check_policies
 
 
 def test_listed_but_missing_policy_is_a_clear_error(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(FileNotFoundError, match=r"models/dpo.*evaluate\.policies"):
-        policy_dir("dpo")
+    for name in ("sft", "reward_model"):
+        (tmp_path / "models" / name).mkdir(parents=True)
+        (tmp_path / "models" / name / "config.json").write_text("{}")
+    expected = "models/dpo: no model; run `dvc repro dpo` (or remove 'dpo' from evaluate.policies)"
+    with pytest.raises(MissingInput) as caught:
+        check_policies(["sft", "dpo"])
+    assert str(caught.value) == expected
     (tmp_path / "models" / "dpo").mkdir(parents=True)
-    with pytest.raises(FileNotFoundError, match="models/dpo"):  # an empty dir is no model
-        policy_dir("dpo")
+    with pytest.raises(MissingInput, match="models/dpo"):  # an empty dir is no model
+        check_policies(["sft", "dpo"])
     (tmp_path / "models" / "dpo" / "config.json").write_text("{}")
-    assert policy_dir("dpo") == Path("models/dpo")
+    check_policies(["sft", "dpo"])
+    (tmp_path / "models" / "reward_model" / "config.json").unlink()
+    with pytest.raises(MissingInput) as caught:  # the judge is no policy: no removal hint
+        check_policies(["sft", "dpo"])
+    assert str(caught.value) == "models/reward_model: no model; run `dvc repro reward_model`"
 
 
 # ----------------------------------------------------------------------------- _judge
-
-
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-def _lm(seed: int) -> Any:
-    from transformers import LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    return init_std(LlamaForCausalLM(tiny_config()), 0.3)
-
-
-@pytest.fixture(scope="module")
-def lm() -> Any:
-    return _lm(0)
-
-
-@pytest.fixture(scope="module")
-def other_lm() -> Any:
-    return _lm(1)
-
-
-@pytest.fixture(scope="module")
-def reward_classifier() -> Any:
-    # pad_token_id None: the classifier's own pooling reads the last position of a single
-    # unpadded row, an independent brute-force reference for TokenScorer.
-    from transformers import LlamaForSequenceClassification
-
-    torch.manual_seed(3)
-    return init_std(
-        LlamaForSequenceClassification(tiny_config(num_labels=1, pad_token_id=None)), 0.3
-    )
-
-
-def left_pad(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.tensor([[PAD] * (width - len(r)) + r for r in rows])
-    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
-    return ids, mask
 
 
 JUDGE_CASES = {"pad": (PAD, [EOS]), "pad_is_eos_two_stops": (EOS, [EOS, 7])}
@@ -334,10 +315,7 @@ JUDGE_CASES = {"pad": (PAD, [EOS]), "pad_is_eos_two_stops": (EOS, [EOS, 7])}
 def generated(request, lm: Any) -> dict[str, Any]:
     """16 left-padded prompts and the policy's sampled continuations."""
     pad, stop_ids = JUDGE_CASES[request.param]
-    gen = torch.Generator().manual_seed(4)
-    lengths = torch.randint(1, 7, (16,), generator=gen).tolist()
-    rows = [[BOS, *torch.randint(3, VOCAB, (n - 1,), generator=gen).tolist()] for n in lengths]
-    prompt_ids, prompt_mask = left_pad(rows)
+    prompt_ids, prompt_mask = random_prompts(16, seed=4)
     torch.manual_seed(5)
     with torch.no_grad():
         out = lm.generate(

@@ -11,12 +11,13 @@ from pathlib import Path
 import pytest
 from ruamel.yaml import YAML
 
-from tasks.config import load_params
+from tasks.params import load_params
+from tasks.stages import STAGE, STAGES, TRL_STAGES
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "docs" / "examples"
 QWEN = EXAMPLES / "params-qwen2.5-0.5b.yaml"
-TRL_STAGES = ("sft", "reward_model", "dpo", "simpo")
+TRAINED = tuple(spec.name for spec in STAGES if spec.kind in ("trl", "ppo"))  # with a lora
 
 
 @pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.yaml")), ids=lambda p: p.name)
@@ -47,7 +48,7 @@ def test_qwen_example_trains_lora_in_bf16_on_a_gpu() -> None:
     params = load_params(QWEN)
     assert params.common.device == "cuda"
     assert params.model.dtype == "bfloat16"
-    for stage in (*TRL_STAGES, "ppo"):
+    for stage in TRAINED:
         lora = getattr(params, stage).lora
         assert lora is not None, f"{stage}.lora"
         assert lora.target_modules == "all-linear"
@@ -55,8 +56,12 @@ def test_qwen_example_trains_lora_in_bf16_on_a_gpu() -> None:
     for stage in TRL_STAGES:
         trainer = getattr(params, stage).trainer
         assert trainer["activation_checkpointing"] is True, stage
-        assert trainer["max_length"] == 1024, stage
-        assert trainer["num_train_epochs"] == 1, stage
+        if STAGE[stage].online:  # prompts only: the completion is what is limited
+            assert trainer["max_completion_length"] == 256, stage
+            assert trainer["num_generations"] == 8, stage
+        else:
+            assert trainer["max_length"] == 1024, stage
+            assert trainer["num_train_epochs"] == 1, stage
 
 
 def test_qwen_example_learning_rates_and_losses() -> None:

@@ -6,8 +6,8 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from tasks.config import load_params
 from tasks.io import resumable_dir
+from tasks.params import load_params
 
 
 def test_checkpoints_are_kept_only_for_the_same_params_and_inputs(

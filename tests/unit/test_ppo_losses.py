@@ -11,7 +11,6 @@ from torch.testing import assert_close
 from tasks.ppo.losses import (
     adaptive_kl_coef,
     compute_gae,
-    entropy_from_logits,
     explained_variance,
     kl_penalized_rewards,
     kl_penalty,
@@ -175,6 +174,9 @@ def test_explained_variance_hand() -> None:
 
 
 def test_logprobs_and_entropy_from_logits_hand() -> None:
+    """Log-probs (ours) and the entropy statistic PPO logs (TRL's entropy_from_logits)."""
+    from trl.trainer.utils import entropy_from_logits
+
     # logits [0, log 3] -> probs [1/4, 3/4]; uniform over 4 -> entropy log 4
     logits = t([[[0.0, math.log(3.0), -50.0, -50.0], [1.0, 1.0, 1.0, 1.0]]])
     labels = torch.tensor([[1, 2]])
@@ -186,6 +188,8 @@ def test_logprobs_and_entropy_from_logits_hand() -> None:
 
 
 def test_logits_helpers_match_torch_distributions() -> None:
+    from trl.trainer.utils import entropy_from_logits
+
     torch.manual_seed(0)
     logits = torch.randn(3, 5, 11) * 3
     labels = torch.randint(0, 11, (3, 5))

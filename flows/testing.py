@@ -1,58 +1,128 @@
-"""Real services on 127.0.0.1 for the service tests and benchmarks/deployment_overhead.py: free
-ports, background processes that are always stopped, a git copy of the repository with tiny
-params, a Prefect server with its own database, a process worker in the copy."""
+"""Support for the test suite and the benchmarks; no stage imports it. It lives in the installed
+package, as transformers.testing_utils does, so that tests/ and benchmarks/ share one copy.
+
+Params files: the repository's params.yaml with overrides (`write_params`), sizes that keep a
+stage in seconds (`SMALL`) and a few steps per stage (`FAST`). Real services on 127.0.0.1: free
+ports, background processes that are always stopped, a git copy of the repository with FAST
+params, a Prefect server with its own database, a process worker in the copy.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import shutil
-import signal
-import socket
 import subprocess
-import sys
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from ruamel.yaml import YAML
 
-from tests.sizes import SMALL
+from flows.deployment import BIN, stage_outputs
+from flows.services import free_port, stop_process_tree
+from tasks.stages import STAGE, STAGES
 
-REPO = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent
-# Stages in seconds: SMALL data and model, two optimizer steps per trainer.
-TINY: dict[str, Any] = {
-    **SMALL,
-    **{
-        f"{stage}.trainer.{key}": value
-        for stage in ("sft", "reward_model", "dpo", "simpo")
-        for key, value in {"num_train_epochs": 1, "max_steps": 2, "logging_steps": 1}.items()
-    },
-    "ppo.num_iterations": 2,
-    "ppo.rollout_batch_size": 16,
-    "ppo.mini_batch_size": 8,
-    "ppo.ppo_epochs": 1,
-    "ppo.max_new_tokens": 8,
-    "evaluate.max_prompts": 16,
-    "evaluate.max_new_tokens": 8,
-    "evaluate.num_samples_logged": 4,
+REPO = Path(__file__).resolve().parents[1]
+
+SMALL: dict[str, Any] = {
+    "data.synthetic.num_sft": 200,
+    "data.synthetic.num_preference": 200,
+    "data.synthetic.num_prompts": 100,
+    "model.tiny.hidden_size": 32,
+    "model.tiny.intermediate_size": 64,
+    "model.tiny.num_layers": 1,
+    "model.tiny.num_heads": 2,
 }
+"""Data and model sizes that keep a stage's run in seconds."""
+
+_FEW_STEPS: dict[str, dict[str, Any]] = {  # stage kind → keys of the stage's own section
+    "trl": {"trainer.num_train_epochs": 1, "trainer.max_steps": 3, "trainer.logging_steps": 1},
+    "ppo": {
+        "num_iterations": 2,
+        "rollout_batch_size": 16,
+        "mini_batch_size": 8,
+        "ppo_epochs": 1,
+        "max_new_tokens": 8,
+        "checkpoint_every": 1,
+        "sample_every": 1,
+    },
+    "evaluate": {"max_prompts": 16, "max_new_tokens": 8, "num_samples_logged": 4},
+}
+FAST: dict[str, Any] = SMALL | {
+    f"{spec.own_section}.{key}": value
+    for spec in STAGES
+    for key, value in _FEW_STEPS.get(spec.kind, {}).items()
+}
+"""SMALL, and every stage trains only a few steps (checkpoints and samples at each PPO
+iteration): the whole pipeline in minutes. From the registry: a new stage is covered."""
+
+DELETE = object()
+"""An override's value that removes the key."""
+
+GIT_IDENTITY = {
+    "GIT_AUTHOR_NAME": "test",
+    "GIT_AUTHOR_EMAIL": "test@example.com",
+    "GIT_COMMITTER_NAME": "test",
+    "GIT_COMMITTER_EMAIL": "test@example.com",
+}
+"""Who commits in a copy of the repository (`copy_repo`, `dvc exp run`)."""
 
 
-def free_port() -> int:
-    """A TCP port of 127.0.0.1 that nothing listens on (the OS picks it)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def write_params(
+    path: Path,
+    overrides: Mapping[str, Any],
+    *,
+    base: Path = REPO / "params.yaml",
+    new_keys: bool = False,
+) -> Path:
+    """`base` (the repository's params.yaml) with dotted-key overrides ({'data.eval_fraction':
+    0.2}), written to `path` with its comments (ruamel round trip) → `path`.
+
+    A key must exist, except a new key directly under a `<stage>.trainer` mapping (a TRL config
+    field) or, with `new_keys`, any new key in an existing mapping (for the tests of unknown
+    keys). The value DELETE removes the key. KeyError names an override that is neither.
+    """
+    yaml = YAML()
+    tree = yaml.load(base)
+    for dotted, value in overrides.items():
+        *parents, leaf = dotted.split(".")
+        node: Any = tree
+        for depth, key in enumerate(parents, start=1):
+            if not isinstance(node, dict) or key not in node:
+                raise KeyError(f"{dotted}: {base} has no {'.'.join(parents[:depth])}")
+            node = node[key]
+        trainer_field = len(parents) == 2 and parents[1] == "trainer"
+        may_add = value is not DELETE and (new_keys or trainer_field)
+        if not isinstance(node, dict) or (leaf not in node and not may_add):
+            raise KeyError(f"{dotted}: {base} has no such key (only a trainer field may be new)")
+        if value is DELETE:
+            del node[leaf]
+        else:
+            node[leaf] = value
+    with path.open("w") as out:
+        yaml.dump(tree, out)
+    return path
 
 
-def listening(port: int) -> bool:
-    with socket.socket() as sock:
-        sock.settimeout(1.0)
-        return sock.connect_ex(("127.0.0.1", port)) == 0
+def upstream(name: str) -> list[str]:
+    """The stages whose outputs stage `name` reads, directly or not, in pipeline order: what
+    must run before it in a fresh copy."""
+    outputs = {spec.name: stage_outputs(spec.name, REPO / "dvc.yaml") for spec in STAGES}
+    needed: set[str] = set()
+    todo = [name]
+    while todo:
+        for path in STAGE[todo.pop()].inputs:
+            for other, outs in outputs.items():
+                if other not in needed and any(p == path or path.startswith(f"{p}/") for p in outs):
+                    needed.add(other)
+                    todo.append(other)
+    return [spec.name for spec in STAGES if spec.name in needed]
+
+
+# ---------------------------------------------------------------- services on 127.0.0.1
 
 
 class Service:
@@ -76,55 +146,14 @@ class Service:
         return self.process.poll() is None
 
     def stop(self, seconds: float = 20.0) -> None:
-        """SIGTERM to the process group and to every descendant (a worker's flow runs have
-        sessions of their own), SIGKILL to what is left after `seconds`."""
-        import psutil
-
-        try:
-            leader = psutil.Process(self.process.pid)
-            family = [leader, *leader.children(recursive=True)]
-        except psutil.Error:
-            family = []
-        family += [p for p in _group(self.process.pid) if p not in family]
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, sig)  # the leader's pid is the group's id
-            for process in family:
-                with contextlib.suppress(psutil.Error):
-                    process.send_signal(sig)
-            deadline = time.monotonic() + (seconds if sig == signal.SIGTERM else 10.0)
-            while family and time.monotonic() < deadline:
-                self.process.poll()  # reap the leader
-                family = [p for p in family if _running(p)]  # zombies count as gone
-                time.sleep(0.1)
-            if not family:
-                break
+        """`stop_process_tree` (SIGKILL after `seconds`), then reap the process."""
+        stop_process_tree(self.process.pid, seconds)
         with contextlib.suppress(subprocess.TimeoutExpired):
-            self.process.wait(timeout=5)  # reap it
+            self.process.wait(timeout=5)
 
     def tail(self, lines: int = 80) -> str:
         text = self.log.read_text(errors="replace") if self.log.exists() else ""
         return "".join(text.splitlines(keepends=True)[-lines:])
-
-
-def _group(pgid: int) -> list[Any]:
-    import psutil
-
-    found = []
-    for process in psutil.process_iter():
-        with contextlib.suppress(psutil.Error, OSError):
-            if os.getpgid(process.pid) == pgid:
-                found.append(process)
-    return found
-
-
-def _running(process: Any) -> bool:
-    import psutil
-
-    try:
-        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
 
 
 class Services:
@@ -156,6 +185,7 @@ class Services:
 
 @contextlib.contextmanager
 def services(log_dir: Path) -> Iterator[Services]:
+    """Services whose logs go to `log_dir`, all stopped when the block ends (even on error)."""
     started = Services(log_dir)
     try:
         yield started
@@ -184,33 +214,14 @@ def wait_http(url: str, service: Service | None = None, seconds: float = 180.0) 
         time.sleep(0.3)
 
 
-def write_params(path: Path, overrides: dict[str, Any]) -> Path:
-    """The repository's params.yaml with dotted-key overrides; a `<stage>.trainer.<key>` may be
-    new (a TRL config field), other keys must exist (stages come and go: unknown sections of
-    TINY are skipped)."""
-    yaml = YAML()
-    tree = yaml.load(REPO / "params.yaml")
-    for dotted, value in overrides.items():
-        *parents, leaf = dotted.split(".")
-        node = tree
-        for key in parents:
-            node = node.get(key) if isinstance(node, dict) else None
-        if isinstance(node, dict) and (leaf in node or parents[-1:] == ["trainer"]):
-            node[leaf] = value
-    with path.open("w") as out:
-        yaml.dump(tree, out)
-    return path
-
-
-def copy_repo(dest: Path, overrides: dict[str, Any] | None = None) -> Path:
+def copy_repo(
+    dest: Path, overrides: Mapping[str, Any] | None = None, sizes: Mapping[str, Any] = FAST
+) -> Path:
     """A git repository at `dest` with the repository's committed and untracked-but-not-ignored
-    files, minus every stage output and dvc.lock, and TINY params (plus `overrides`)."""
-    stages = YAML(typ="safe").load(REPO / "dvc.yaml")["stages"]
+    files, minus every stage output and dvc.lock, and `sizes` (FAST; {} keeps the repository's
+    params) plus `overrides`."""
     generated = {"dvc.lock"} | {
-        next(iter(out)) if isinstance(out, dict) else out
-        for stage in stages.values()
-        for key in ("outs", "metrics", "plots")
-        for out in stage.get(key, [])
+        out for spec in STAGES for out in stage_outputs(spec.name, REPO / "dvc.yaml")
     }
     names = set(_git_files(REPO)) | set(_git_files(REPO, "--others", "--exclude-standard"))
     for name in sorted(names):
@@ -219,16 +230,12 @@ def copy_repo(dest: Path, overrides: dict[str, Any] | None = None) -> Path:
             continue
         (dest / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(source, dest / name)
-    write_params(dest / "params.yaml", TINY | (overrides or {}))
-    env = os.environ | {
-        "GIT_AUTHOR_NAME": "test",
-        "GIT_AUTHOR_EMAIL": "test@example.com",
-        "GIT_COMMITTER_NAME": "test",
-        "GIT_COMMITTER_EMAIL": "test@example.com",
-    }
+    write_params(dest / "params.yaml", dict(sizes) | dict(overrides or {}))
     for args in (["init", "-q"], ["add", "-A"], ["commit", "-q", "-m", "copy"]):
         git = ["git", "-c", "commit.gpgsign=false", *args]
-        subprocess.run(git, cwd=dest, env=env, check=True, capture_output=True)
+        subprocess.run(
+            git, cwd=dest, env=os.environ | GIT_IDENTITY, check=True, capture_output=True
+        )
     return dest
 
 

@@ -1,0 +1,116 @@
+"""The stages' shared Prefect server (flows/prefect_server.py), with real servers on 127.0.0.1:
+one server for many stages, started once even by stages that start together, the user's
+PREFECT_API_URL first, an idle stop that leaves no process and no stale URL, `rlhf down`."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from flows.prefect_server import PID_FILE, URL_FILE, shared_prefect
+from flows.services import alive, stop_process_tree
+from flows.testing import REPO
+
+pytestmark = [pytest.mark.service, pytest.mark.slow]
+
+# A process that takes the shared server as a stage does, prints its URL, and holds it a while.
+STAGE = """
+import sys, time
+from pathlib import Path
+from flows.prefect_server import shared_prefect
+with shared_prefect(Path(sys.argv[1])) as url:
+    print(url, flush=True)
+    time.sleep(float(sys.argv[2]))
+"""
+
+
+@pytest.fixture
+def state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A state dir of its own, no user URL, the servers' own Prefect home; the keeper stopped."""
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect-home"))
+    monkeypatch.setenv("RLHF_PREFECT_IDLE_S", "3")
+    state = tmp_path / "rlhf"
+    yield state
+    if (state / PID_FILE).is_file():
+        stop_process_tree(int((state / PID_FILE).read_text()), 15.0)
+
+
+def stage(state: Path, hold: float) -> subprocess.Popen[str]:
+    env = os.environ | {"PYTHONPATH": str(REPO)}
+    return subprocess.Popen(
+        [sys.executable, "-c", STAGE, str(state), str(hold)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+
+
+def servers() -> list[psutil.Process]:
+    found = []
+    for process in psutil.process_iter():
+        try:
+            if "prefect" in " ".join(process.cmdline()[:2]) and "server" in process.cmdline():
+                found.append(process)
+        except psutil.Error:
+            continue
+    return found
+
+
+def test_stages_started_together_share_one_server_that_stops_when_idle(state: Path):
+    before = {p.pid for p in servers()}
+    first, second = stage(state, 4.0), stage(state, 4.0)
+    urls = {first.stdout.readline().strip(), second.stdout.readline().strip()}
+    assert len(urls) == 1, urls  # the lock: one started it, the other waited and took it
+    (url,) = urls
+    assert url.startswith("http://127.0.0.1:") and url.endswith("/api")
+    assert (state / URL_FILE).read_text() == url
+    keeper = psutil.Process(int((state / PID_FILE).read_text()))
+    assert [p.pid for p in servers() if p.pid not in before]  # one prefect server runs
+    started = [err for err in (first.communicate()[1], second.communicate()[1]) if err.strip()]
+    assert len(started) == 1 and "started a shared Prefect server" in started[0], started
+
+    third = stage(state, 0.0)  # while it idles: reused, not restarted
+    assert third.stdout.readline().strip() == url
+    assert "started" not in third.communicate()[1]
+
+    deadline = time.monotonic() + 60
+    while alive(keeper) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not alive(keeper), "the keeper did not stop after RLHF_PREFECT_IDLE_S unused"
+    assert not (state / URL_FILE).exists() and not (state / PID_FILE).exists()
+    assert {p.pid for p in servers()} <= before  # no server left
+
+
+def test_a_user_url_wins_and_rlhf_down_stops_the_shared_server(
+    state: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")
+    with shared_prefect(state) as url:
+        assert url == "http://127.0.0.1:9/api"
+    assert not state.exists()  # nothing started, nothing written
+
+    monkeypatch.delenv("PREFECT_API_URL")
+    monkeypatch.setenv("RLHF_PREFECT_IDLE_S", "600")
+    shared = stage(state, 0.0)
+    assert shared.stdout.readline().strip().endswith("/api")
+    shared.communicate()
+    keeper = psutil.Process(int((state / PID_FILE).read_text()))
+    monkeypatch.chdir(tmp_path)
+    state.rename(tmp_path / ".rlhf")  # where `rlhf down` looks
+    done = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "down"],
+        capture_output=True,
+        text=True,
+        env=os.environ | {"PYTHONPATH": str(REPO)},
+    )
+    assert done.returncode == 0, done.stderr
+    assert "prefect-server" in done.stdout
+    assert not alive(keeper)
