@@ -147,27 +147,40 @@ def _terminate(signum: int, _: Any) -> None:
 
 
 def _end_with_launcher() -> None:
-    """Under `dvc repro`, `torchrun` or `accelerate launch` (our parent), a killed parent takes
-    the stage with it: Linux sends us SIGTERM when the parent dies (PR_SET_PDEATHSIG), and the
-    stage stops as on any SIGTERM. torchrun starts its ranks in sessions of their own, so a
-    `kill -9` of it would otherwise leave them training. Not for other parents: `nohup rlhf
-    stage ppo &` from a shell outlives the shell on purpose."""
-    import ctypes
+    """Under `dvc repro`, `torchrun` or `accelerate launch`, a killed launcher takes the stage
+    with it: a thread waits on the launcher's pidfd and sends us SIGTERM when it exits, and the
+    stage stops as on any SIGTERM. Linux's PR_SET_PDEATHSIG would watch only the direct parent,
+    and DVC runs a stage through `$SHELL -c`: dash (`/bin/sh`, used when SHELL is unset) stays
+    between the two. torchrun starts its ranks in sessions of their own, so a `kill -9` of it
+    would otherwise leave them training. Not for other parents: `nohup rlhf stage ppo &` from a
+    shell outlives the shell on purpose."""
+    import select
+    import threading
 
     import psutil
 
+    from tasks.lineage import dvc_process
+
     if sys.platform != "linux":
         return
-    elastic = "TORCHELASTIC_RUN_ID" in os.environ  # a rank of torchrun / accelerate launch
     try:
-        parent = psutil.Process(os.getppid())
-        if not elastic and not any(Path(arg).name == "dvc" for arg in parent.cmdline()[:2]):
+        elastic = "TORCHELASTIC_RUN_ID" in os.environ  # a rank of torchrun / accelerate launch
+        if (launcher := psutil.Process(os.getppid()) if elastic else dvc_process()) is None:
             return
-    except psutil.Error:
+        pidfd: int | None = os.pidfd_open(launcher.pid)
+    except ProcessLookupError:
+        pidfd = None
+    except (psutil.Error, OSError):  # no such parent, or a kernel before 5.3
         return
-    ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
-    if os.getppid() != parent.pid:  # the parent died before the call: nothing would tell us
+    if pidfd is None or not launcher.is_running():  # it died (its pid reused) before we watched
         os.kill(os.getpid(), signal.SIGTERM)
+        return
+
+    def watch() -> None:
+        select.select([pidfd], [], [])  # readable once the launcher has exited
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="rlhf-launcher", daemon=True).start()
 
 
 def _kept(args: argparse.Namespace) -> str:

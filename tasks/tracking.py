@@ -109,7 +109,7 @@ def stage_run(stage: str, params: Params) -> Iterator[mlflow.ActiveRun | None]:
                 yield run
             except (KeyboardInterrupt, TerminationSignal, Terminated) as exc:  # Ctrl-C, SIGTERM
                 # Repeats are ignored while the run is closed, or one would cut the closing short
-                # (a `kill -9` of `dvc repro` sends a SIGTERM per thread it had: PDEATHSIG).
+                # (a second Ctrl-C, or a group SIGTERM followed by one to each process).
                 main = threading.current_thread() is threading.main_thread()
                 stops = (signal.SIGTERM, signal.SIGINT) if main else ()
                 repeats = {signum: signal.signal(signum, signal.SIG_IGN) for signum in stops}

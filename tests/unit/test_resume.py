@@ -2,7 +2,8 @@
 a resume continues (`resumable_run_id`), which RUNNING runs are dead (`close_dead_runs`), which
 steps a resumed run already has (`logged_until`, the TRL callback that skips them); and a
 SIGTERM whose exception library code swallowed still stops the stage at its next step, and one
-that repeats while the run closes does not leave it RUNNING."""
+that repeats while the run closes does not leave it RUNNING; a killed `dvc` takes its stage
+with it."""
 
 from __future__ import annotations
 
@@ -11,11 +12,13 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
 import mlflow
+import psutil
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -198,7 +201,7 @@ def test_a_sigterm_repeated_while_the_run_closes_still_leaves_it_killed(
     close = mlflow.MlflowClient.set_terminated
 
     def close_during_a_repeat(self: mlflow.MlflowClient, *args: object, **kw: object) -> None:
-        sigterm()  # a killed `dvc repro`'s next thread dies: PDEATHSIG again
+        sigterm()  # a second SIGTERM (the group's, then the process's own)
         close(self, *args, **kw)
 
     monkeypatch.setattr(mlflow.MlflowClient, "set_terminated", close_during_a_repeat)
@@ -212,3 +215,57 @@ def test_a_sigterm_repeated_while_the_run_closes_still_leaves_it_killed(
     closed = mlflow.MlflowClient().get_run(run.info.run_id)
     assert closed.info.status == "KILLED"
     assert closed.data.tags[END_REASON].startswith("stopped by SIGTERM")
+
+
+STAGE_STANDIN = """
+import os, signal, sys, threading, time
+from pathlib import Path
+from flows.cli import _end_with_launcher
+out = Path(sys.argv[1])
+signal.signal(signal.SIGTERM, lambda *_: (out.with_suffix(".stopped").touch(), os._exit(0)))
+_end_with_launcher()
+out.write_text(" ".join(t.name for t in threading.enumerate()))
+time.sleep(120)
+"""
+
+
+@pytest.mark.parametrize(
+    ("launcher", "shell"),
+    [("dvc", "/bin/sh"), ("dvc", "/bin/bash"), ("dvc", None), ("nohup-like", "/bin/sh")],
+)
+def test_a_killed_dvc_takes_the_stage_with_it_through_the_shell_it_runs(
+    tmp_path: Path, launcher: str, shell: str | None
+) -> None:
+    """DVC runs a stage as `$SHELL -c cmd`; dash (`/bin/sh`, DVC's choice when SHELL is unset)
+    stays between the two, bash execs the command. A `kill -9` of dvc must stop the stage in
+    both cases; a stage under any other parent is left alone. The launcher is a script named
+    like its role (only its name is read); the stage is `_end_with_launcher`, then a sleep."""
+    stage = [sys.executable, "-c", STAGE_STANDIN, str(tmp_path / "stage.threads")]
+    command = [shell, "-c", subprocess.list2cmdline(stage)] if shell else stage
+    script = tmp_path / launcher
+    body = f"import subprocess, time\nsubprocess.Popen({command!r})\ntime.sleep(120)\n"
+    script.write_text(f"#!{sys.executable}\n{body}")
+    script.chmod(0o755)
+    env = os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    parent = subprocess.Popen([str(script)], env=env)
+    try:
+        for _ in range(600):
+            if (tmp_path / "stage.threads").is_file():
+                break
+            assert parent.poll() is None
+            time.sleep(0.05)
+        parent.kill()
+        parent.wait()
+        if launcher != "dvc":  # nothing watches its parent: it lives on, as `nohup` wants
+            assert "rlhf-launcher" not in (tmp_path / "stage.threads").read_text().split()
+        else:
+            for _ in range(600):
+                if (tmp_path / "stage.stopped").exists():
+                    break
+                time.sleep(0.05)
+            assert (tmp_path / "stage.stopped").exists(), "the stage outlived its dvc"
+    finally:
+        parent.kill()
+        for process in psutil.process_iter(["cmdline"]):
+            if str(tmp_path / "stage.threads") in (process.info["cmdline"] or []):
+                process.terminate()  # its handler exits quietly
