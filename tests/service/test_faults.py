@@ -237,7 +237,7 @@ def test_sigterm_stops_keeps_the_checkpoint_and_a_damaged_one_is_discarded(repo:
 
 
 def test_a_killed_dvc_repro_takes_its_stage_with_it(repo: Path):
-    repro = start(repo, str(BIN / "dvc"), "repro", "-f", "dpo")
+    repro = start(repo, str(BIN / "dvc"), "repro", "-f", "-s", "dpo")  # dpo alone, again
     stage = stage_process("dpo")
     wait_for(repo / "checkpoints/dpo/checkpoint-40/trainer_state.json", repro)
     repro.kill()
