@@ -1,7 +1,7 @@
 """What the deployment backend adds to a stage (budget: ≤ 5 s per stage over the local path
 against the same Prefect server).
 
-In a temporary git copy of the repository with fast params (flows/testing.py: FAST), this
+In a temporary git copy of the repository with fast params (flows/infra/testing.py: FAST), this
 starts its own Prefect server (own SQLite database) and a process worker on free ports of
 127.0.0.1, registers the deployments (`rlhf deploy`), builds the stage's inputs (its upstream
 stages, locally, untimed), then times `rlhf stage <stage>` from process start to exit, for each
@@ -52,8 +52,8 @@ from benchmarks.harness import (  # noqa: E402
     run_logged,
     scratch_dir,
 )
-from flows.deployment import BIN  # noqa: E402
-from flows.testing import (  # noqa: E402
+from flows.infra.deployment import BIN  # noqa: E402
+from flows.infra.testing import (  # noqa: E402
     clean_env,
     copy_repo,
     services,

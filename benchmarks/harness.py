@@ -1,6 +1,6 @@
 """What the timing benchmarks share and the tests do not: their common options, a scratch
 workspace, untimed commands, the results table, the machine they ran on and how busy it was.
-What the tests need too (params, services, a copy of the repository) is in flows/testing.py.
+What the tests need too (params, services, a copy of the repository) is in flows/infra/testing.py.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from flows.deployment import BIN
+from flows.infra.deployment import BIN
 
 Columns = Sequence[tuple[str, str]]  # (key of a run's result, header of its column)
 

@@ -37,9 +37,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.harness import OtherCPU, machine_info, scratch_dir  # noqa: E402
-from flows.deployment import BIN  # noqa: E402
-from flows.services import stop_recorded  # noqa: E402
-from flows.testing import FAST, clean_env, copy_repo  # noqa: E402
+from flows.infra.deployment import BIN  # noqa: E402
+from flows.infra.services import stop_recorded  # noqa: E402
+from flows.infra.testing import FAST, clean_env, copy_repo  # noqa: E402
 
 COLUMNS = ("wall", "train", "overhead", "start-up", "Prefect", "MLflow", "in-flow", "exit", "DVC")
 MARKS = {  # output line → the event it marks, for the stage named in it

@@ -71,7 +71,7 @@ def measure(workdir: Path, params_file: Path, iterations: int) -> dict[str, floa
 def build_large(root: Path) -> Path:
     """A temp workspace with the synthetic data and an untrained ~25M model as sft + reward."""
     sys.path.insert(0, str(REPO))
-    from flows.testing import write_params
+    from flows.infra.testing import write_params
 
     large = {f"model.tiny.{key}": value for key, value in LARGE.items()}
     params_file = write_params(root / "params.yaml", large)

@@ -53,8 +53,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-# Importing flows (flows.testing) sets the library settings of flows/__init__.py in os.environ:
-# both variants get them.
+# Importing flows (flows.infra.testing) sets the library settings of flows/__init__.py in
+# os.environ: both variants get them.
 from benchmarks.harness import (  # noqa: E402
     OtherCPU,
     machine_info,
@@ -64,9 +64,9 @@ from benchmarks.harness import (  # noqa: E402
     run_logged,
     scratch_dir,
 )
-from flows.deployment import BIN, stage_outputs  # noqa: E402
-from flows.services import stop_recorded  # noqa: E402
-from flows.testing import services, start_prefect_server, upstream, write_params  # noqa: E402
+from flows.infra.deployment import BIN, stage_outputs  # noqa: E402
+from flows.infra.services import stop_recorded  # noqa: E402
+from flows.infra.testing import services, start_prefect_server, upstream, write_params  # noqa: E402
 
 SHARED_SERVER = r"^rlhf: started a shared Prefect server at \S+ in ([\d.]+) s"
 from tasks.params import load_params  # noqa: E402
@@ -335,8 +335,8 @@ def _same_train(runs: list[dict[str, Any]]) -> None:
 @contextlib.contextmanager
 def _prefect(server: bool, workspace: Path, env: dict[str, str]) -> Iterator[str]:
     """As `dvc repro` runs a stage (no PREFECT_API_URL: the first repeat starts the shared
-    server and the warm process, flows/prefect_server.py and flows/warm.py, and the later ones
-    reuse them), or a `prefect server start` of ours for the run."""
+    server and the warm process, flows/infra/prefect_server.py and flows/infra/warm.py, and
+    the later ones reuse them), or a `prefect server start` of ours for the run."""
     if not server:
         try:
             yield "shared (started by the first repeat, as in `dvc repro`)"

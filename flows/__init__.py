@@ -6,7 +6,7 @@ import os
 # a user's own environment wins.
 for _key, _value in {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    # Never a temporary server per process: stages share one (flows/prefect_server.py).
+    # Never a temporary server per process: stages share one (flows/infra/prefect_server.py).
     "PREFECT_SERVER_ALLOW_EPHEMERAL_MODE": "false",
     "MLFLOW_DISABLE_TELEMETRY": "true",
     "HF_HUB_DISABLE_TELEMETRY": "1",

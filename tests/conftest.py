@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 import flows  # noqa: F401  (sets the offline defaults before Prefect and MLflow load)
-from flows.testing import SMALL, write_params
+from flows.infra.testing import SMALL, write_params
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture
 def make_params(tmp_path: Path) -> Callable[..., Path]:
     """make_params({'data.eval_fraction': 0.2}) → path of a params file in tmp_path
-    (flows.testing.write_params; `new_keys=True` for the unknown-key tests)."""
+    (flows.infra.testing.write_params; `new_keys=True` for the unknown-key tests)."""
 
     def make(overrides: dict[str, Any] | None = None, name: str = "params.yaml", **kw: Any) -> Path:
         return write_params(tmp_path / name, overrides or {}, **kw)
@@ -52,12 +52,12 @@ def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 @pytest.fixture(scope="session")
 def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The stages' shared Prefect server, started as `rlhf stage` starts it
-    (flows/prefect_server.py), with its own database, for the whole session; its API URL.
+    (flows/infra/prefect_server.py), with its own database, for the whole session; its API URL.
     In-process flows use it, and so do the `rlhf` subprocesses (run_cli passes the URL)."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from flows.prefect_server import shared_prefect
-    from flows.services import stop_recorded
+    from flows.infra.prefect_server import shared_prefect
+    from flows.infra.services import stop_recorded
 
     state = tmp_path_factory.mktemp("rlhf-state")
     home = tmp_path_factory.mktemp("prefect-home")
@@ -75,13 +75,14 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 @pytest.fixture(scope="session", autouse=True)
 def _no_user_tracking_env() -> None:
     os.environ.pop("MLFLOW_TRACKING_URI", None)
-    # A warm process (flows/warm.py) per test directory would import for seconds and never
+    # A warm process (flows/infra/warm.py) per test directory would import for seconds and never
     # serve twice: only the tests of warm starts, and the dvc repro ones, turn them on.
     os.environ["RLHF_WARM"] = "0"
 
 
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    """`python -m flows.cli ARGS` in `cwd` (what dvc runs) against the session's Prefect server."""
+    """`python -m flows.infra.cli ARGS` in `cwd` (what dvc runs) against the session's Prefect
+    server."""
     import prefect.settings
 
     env = os.environ | {
@@ -89,7 +90,7 @@ def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
         "PYTHONPATH": str(REPO),
     }
     return subprocess.run(
-        [sys.executable, "-m", "flows.cli", *args],
+        [sys.executable, "-m", "flows.infra.cli", *args],
         capture_output=True,
         text=True,
         env=env,

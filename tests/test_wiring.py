@@ -243,10 +243,10 @@ def test_policies_are_causal_lms_and_evaluate_lists_them():
 
 
 def test_cli_offers_every_stage():
-    import flows.cli
+    import flows.infra.cli
 
     parser_help = subprocess.run(
-        [sys.executable, "-m", "flows.cli", "stage", "--help"],
+        [sys.executable, "-m", "flows.infra.cli", "stage", "--help"],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -254,7 +254,7 @@ def test_cli_offers_every_stage():
     ).stdout
     for spec in STAGES:
         assert re.search(rf"^  {spec.name}\s+{re.escape(spec.description[:30])}", parser_help, re.M)
-    assert flows.cli.stage_flow("sft").name == "sft"
+    assert flows.infra.cli.stage_flow("sft").name == "sft"
 
 
 # ---------------------------------------------------------------- the shape of the code
@@ -343,9 +343,9 @@ def test_readme_and_makefile_quickstart():
 
 
 def test_rlhf_script_is_the_cli():
-    """`rlhf` (what every dvc.yaml cmd runs) is flows.cli:run (main, then a quick exit)."""
+    """`rlhf` (what every dvc.yaml cmd runs) is flows.infra.cli:run (main, then a quick exit)."""
     pyproject = (REPO / "pyproject.toml").read_text()
-    assert re.search(r'^rlhf\s*=\s*"flows\.cli:run"', pyproject, flags=re.MULTILINE)
+    assert re.search(r'^rlhf\s*=\s*"flows\.infra\.cli:run"', pyproject, flags=re.MULTILINE)
 
 
 def test_stage_outputs_are_not_git_tracked():

@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 from ruamel.yaml import YAML
 
-from flows.deployment import BIN
-from flows.services import free_port, stop_recorded
-from flows.testing import (
+from flows.infra.deployment import BIN
+from flows.infra.services import free_port, stop_recorded
+from flows.infra.testing import (
     GIT_IDENTITY,
     REPO,
     Services,
@@ -62,10 +62,10 @@ def project(
 ) -> Iterator[dict[str, Any]]:
     """A git + DVC copy of the repository (committed and uncommitted-but-not-ignored files),
     minus any stage output and dvc.lock, with FAST params and its own MLflow store
-    (flows.testing.copy_repo and clean_env).
+    (flows.infra.testing.copy_repo and clean_env).
 
     Stages report to the session's Prefect server and start in a warm process of the copy
-    (flows/warm.py), as `dvc repro` runs them for a user; it is stopped at the end."""
+    (flows/infra/warm.py), as `dvc repro` runs them for a user; it is stopped at the end."""
     import prefect.settings
 
     root = tmp_path_factory.mktemp("e2e")

@@ -22,7 +22,7 @@ import pytest
 import torch
 from prefect.artifacts import Artifact
 
-from flows.testing import SMALL, write_params
+from flows.infra.testing import SMALL, write_params
 from tasks.errors import MissingInput
 from tasks.evaluate import METRICS, best_policy
 from tasks.params import load_params
@@ -120,7 +120,7 @@ def cli(inputs: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict
     shutil.rmtree(root / "models" / "dpo")
     write_params(root / "params.yaml", OVERRIDES)  # read for the device
     rlhf = REPO / ".venv" / "bin" / "rlhf"
-    command = [str(rlhf)] if rlhf.is_file() else [sys.executable, "-m", "flows.cli"]
+    command = [str(rlhf)] if rlhf.is_file() else [sys.executable, "-m", "flows.infra.cli"]
     calls = {
         "compare": ["generate", "--compare", "--max-new-tokens", "8", QUESTION],
         "sft": ["generate", "--model", "models/sft", "--max-new-tokens", "8", QUESTION],

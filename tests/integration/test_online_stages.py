@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from flows.cli import stage_flow
-from flows.testing import SMALL
+from flows.infra.cli import stage_flow
+from flows.infra.testing import SMALL
 from tasks.params import load_params
 from tests.conftest import leftovers, mlflow_client, prepare_small, run_cli, stage_runs, tasks_log
 from tests.integration.test_ppo_stage import build_models

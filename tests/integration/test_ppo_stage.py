@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import torch
 
-from flows.testing import SMALL
+from flows.infra.testing import SMALL
 from tasks.errors import TrainingDiverged
 from tasks.params import load_params
 from tests.conftest import (

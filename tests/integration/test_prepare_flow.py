@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from flows.testing import SMALL
+from flows.infra.testing import SMALL
 from tasks.errors import DataError, ParamsError
 from tasks.params import load_params
 from tasks.stages import STAGE

@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
-from flows.cli import stage_flow
-from flows.testing import SMALL
+from flows.infra.cli import stage_flow
+from flows.infra.testing import SMALL
 from tasks.params import load_params
 from tasks.scoring import REWARD_STATS
 from tasks.stages import STAGE, TRL_STAGES

@@ -1,5 +1,5 @@
 """Service tests: real servers and workers on 127.0.0.1. A failing test's report ends with the
-last lines of the logs of the processes its module started (flows/testing.py)."""
+last lines of the logs of the processes its module started (flows/infra/testing.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from flows.testing import Services, services
+from flows.infra.testing import Services, services
 
 _STARTED: dict[str, list[Services]] = {}  # module node id → what its fixtures and tests started
 

@@ -2,7 +2,7 @@
 database), a process worker in a git copy of the repository with FAST params, the deployments
 of prefect.yaml registered by `rlhf deploy`; then `dvc repro` with RLHF_ORCHESTRATION=deployment
 runs the stages on the worker, a failing run fails `dvc repro`, a run past its timeout is
-cancelled. And `rlhf up` / `rlhf down`. The helpers are flows/testing.py's."""
+cancelled. And `rlhf up` / `rlhf down`. The helpers are flows/infra/testing.py's."""
 
 from __future__ import annotations
 
@@ -18,9 +18,9 @@ import pytest
 from ruamel.yaml import YAML
 
 import tasks.stages
-from flows.deployment import BIN, stage_outputs
-from flows.services import alive, free_port, listening, process_family, stop_process_tree
-from flows.testing import (
+from flows.infra.deployment import BIN, stage_outputs
+from flows.infra.services import alive, free_port, listening, process_family, stop_process_tree
+from flows.infra.testing import (
     REPO,
     Services,
     clean_env,

@@ -19,8 +19,8 @@ import mlflow
 import psutil
 import pytest
 
-from flows.deployment import BIN
-from flows.testing import clean_env, copy_repo, write_params
+from flows.infra.deployment import BIN
+from flows.infra.testing import clean_env, copy_repo, write_params
 
 pytestmark = [pytest.mark.service, pytest.mark.slow]
 
@@ -259,7 +259,7 @@ def torchrun(repo: Path, stage: str, *args: str) -> list[str]:
         "--nproc_per_node",
         "2",
         "-m",
-        "flows.cli",
+        "flows.infra.cli",
         "stage",
         stage,
         *args,

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from prefect.artifacts import Artifact
 
-from flows.deployment import BIN
-from flows.services import free_port
-from flows.testing import SMALL, Services, wait_http
+from flows.infra.deployment import BIN
+from flows.infra.services import free_port
+from flows.infra.testing import SMALL, Services, wait_http
 from tasks.params import load_params
 from tasks.stages import STAGE
 from tasks.tracking import flatten

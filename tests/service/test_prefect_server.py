@@ -1,5 +1,5 @@
-"""The stages' shared Prefect server (flows/prefect_server.py), with real servers on 127.0.0.1:
-one server for many stages, started once even by stages that start together, the user's
+"""The stages' shared Prefect server (flows/infra/prefect_server.py), with real servers on
+127.0.0.1: one server for many stages, started once even by stages that start together, the user's
 PREFECT_API_URL first, an idle stop that leaves no process and no stale URL, `rlhf down`."""
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from flows.prefect_server import PID_FILE, URL_FILE, shared_prefect
-from flows.services import alive, stop_process_tree
-from flows.testing import REPO
+from flows.infra.prefect_server import PID_FILE, URL_FILE, shared_prefect
+from flows.infra.services import alive, stop_process_tree
+from flows.infra.testing import REPO
 
 pytestmark = [pytest.mark.service, pytest.mark.slow]
 
@@ -23,7 +23,7 @@ pytestmark = [pytest.mark.service, pytest.mark.slow]
 STAGE = """
 import sys, time
 from pathlib import Path
-from flows.prefect_server import shared_prefect
+from flows.infra.prefect_server import shared_prefect
 with shared_prefect(Path(sys.argv[1])) as url:
     print(url, flush=True)
     time.sleep(float(sys.argv[2]))
@@ -106,7 +106,7 @@ def test_a_user_url_wins_and_rlhf_down_stops_the_shared_server(
     monkeypatch.chdir(tmp_path)
     state.rename(tmp_path / ".rlhf")  # where `rlhf down` looks
     done = subprocess.run(
-        [sys.executable, "-m", "flows.cli", "down"],
+        [sys.executable, "-m", "flows.infra.cli", "down"],
         capture_output=True,
         text=True,
         env=os.environ | {"PYTHONPATH": str(REPO)},

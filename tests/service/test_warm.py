@@ -1,5 +1,5 @@
-"""Warm starts (flows/warm.py) with real processes, in a copy of the repository: a stage run in
-a fork of the warm process writes what a cold run writes; a `kill -9` of `rlhf` kills its fork,
+"""Warm starts (flows/infra/warm.py) with real processes, in a copy of the repository: a stage run
+in a fork of the warm process writes what a cold run writes; a `kill -9` of `rlhf` kills its fork,
 a SIGTERM reaches it; an edit of the code gets a new warm process; `rlhf down` stops it, and a
 service stopped with two SIGTERMs (as `stop_process_tree` sends them) cleans up all the same."""
 
@@ -17,9 +17,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from flows.deployment import BIN
-from flows.services import alive, stop_recorded
-from flows.testing import clean_env, copy_repo, write_params
+from flows.infra.deployment import BIN
+from flows.infra.services import alive, stop_recorded
+from flows.infra.testing import clean_env, copy_repo, write_params
 
 pytestmark = [pytest.mark.service, pytest.mark.slow]
 
@@ -154,7 +154,7 @@ def test_a_repeated_sigterm_does_not_cut_a_services_cleanup_short(tmp_path: Path
     done = tmp_path / "cleaned"
     script = f"""
 import pathlib, sys, time
-from flows.services import exit_on_sigterm
+from flows.infra.services import exit_on_sigterm
 exit_on_sigterm()
 print("ready", flush=True)
 try:

@@ -11,8 +11,8 @@ import pytest
 from pydantic import BaseModel, ValidationError
 from ruamel.yaml import YAML
 
-import flows.cli
-from flows.testing import DELETE
+import flows.infra.cli
+from flows.infra.testing import DELETE
 from tasks.errors import ParamsError
 from tasks.params import Params, check_trainers, load_params
 
@@ -512,7 +512,7 @@ def test_top_level_must_be_a_mapping(tmp_path, text) -> None:
 def test_cli_bad_params_is_one_line(make_params, capsys, overrides, expected) -> None:
     bad = make_params(overrides, new_keys=True)
     line = key_line(bad, next(iter(overrides)))
-    assert flows.cli.main(["stage", "prepare", "--params", str(bad)]) == 1
+    assert flows.infra.cli.main(["stage", "prepare", "--params", str(bad)]) == 1
     out, err = capsys.readouterr()
     assert out == ""
     lines = err.splitlines()
@@ -522,7 +522,7 @@ def test_cli_bad_params_is_one_line(make_params, capsys, overrides, expected) ->
 
 def test_cli_missing_params_file_is_one_line(tmp_path, capsys) -> None:
     missing = tmp_path / "missing.yaml"
-    assert flows.cli.main(["stage", "prepare", "--params", str(missing)]) == 1
+    assert flows.infra.cli.main(["stage", "prepare", "--params", str(missing)]) == 1
     out, err = capsys.readouterr()
     assert out == ""
     assert err == (
@@ -531,7 +531,7 @@ def test_cli_missing_params_file_is_one_line(tmp_path, capsys) -> None:
 
 
 def test_keys_with_an_obvious_default_may_be_left_out(tmp_path: Path) -> None:
-    from flows.testing import write_params
+    from flows.infra.testing import write_params
 
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n')

@@ -220,7 +220,7 @@ def test_a_sigterm_repeated_while_the_run_closes_still_leaves_it_killed(
 STAGE_STANDIN = """
 import os, signal, sys, threading, time
 from pathlib import Path
-from flows.cli import _end_with_launcher
+from flows.infra.cli import _end_with_launcher
 out = Path(sys.argv[1])
 signal.signal(signal.SIGTERM, lambda *_: (out.with_suffix(".stopped").touch(), os._exit(0)))
 _end_with_launcher()

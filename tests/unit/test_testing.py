@@ -1,4 +1,4 @@
-"""The helpers of flows/testing.py that every other test relies on: params overrides, the FAST
+"""The helpers of flows/infra/testing.py that every other test relies on: params overrides, the FAST
 sizes, the upstream stages."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from ruamel.yaml import YAML
 
-from flows.testing import DELETE, FAST, REPO, SMALL, upstream, write_params
+from flows.infra.testing import DELETE, FAST, REPO, SMALL, upstream, write_params
 from tasks.params import load_params
 from tasks.stages import STAGES, TRL_STAGES
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import psutil
 
-from flows.deployment import BIN
+from flows.infra.deployment import BIN
 from tasks.errors import UserError
 
 STATE_DIR = Path(".rlhf")
@@ -63,7 +63,8 @@ def up(prefect_port: int, mlflow_port: int, worker_pool: str | None) -> None:
         quiet,
     )
     _wait(f"{prefect_api}/health", "prefect", prefect)
-    (STATE_DIR / "prefect.url").write_text(prefect_api)  # stages use it (flows/prefect_server.py)
+    # stages use it (flows/infra/prefect_server.py)
+    (STATE_DIR / "prefect.url").write_text(prefect_api)
     _wait(f"http://127.0.0.1:{mlflow_port}/health", "mlflow", mlflow)
     if worker_pool:
         # Poll for work every second (default 10 s): a stage should start promptly. The stages

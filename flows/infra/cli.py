@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         "down", help="stop what `rlhf up` started, and the stages' shared Prefect server"
     )
     down.set_defaults(run=lambda a: _services().down() or 0)
-    serve = commands.add_parser("warm-serve")  # flows/warm.py starts it: no help, no user's
+    serve = commands.add_parser("warm-serve")  # flows/infra/warm.py starts it: no help, no user's
     serve.add_argument("state_dir", type=Path)
     serve.add_argument("key")
     serve.set_defaults(run=_warm_serve)
@@ -196,9 +196,9 @@ def stage_flow(name: str) -> Callable:
 
 
 def run_stage(args: argparse.Namespace) -> int:
-    from flows import warm
-    from flows.deployment import backend, run_on_worker
-    from flows.prefect_server import STATE_DIR, shared_prefect
+    from flows.infra import warm
+    from flows.infra.deployment import backend, run_on_worker
+    from flows.infra.prefect_server import STATE_DIR, shared_prefect
 
     # What can be checked without torch or Prefect fails here, in a second.
     signal.signal(signal.SIGTERM, _terminate)  # a warm start forwards it to its fork
@@ -276,22 +276,22 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 def run_deploy(args: argparse.Namespace) -> int:
-    from flows.deployment import deploy
+    from flows.infra.deployment import deploy
 
     deploy(args.pool or load_params(args.params).orchestration.work_pool)
     return 0
 
 
 def _services() -> ModuleType:
-    """flows.services, imported only for `up`/`down`."""
-    import flows.services
+    """flows.infra.services, imported only for `up`/`down`."""
+    import flows.infra.services
 
-    return flows.services
+    return flows.infra.services
 
 
 def _warm_serve(args: argparse.Namespace) -> int:
-    """The warm process (flows/warm.py); each fork runs `main` and flushes what it owes."""
-    from flows import warm
+    """The warm process (flows/infra/warm.py); each fork runs `main` and flushes what it owes."""
+    from flows.infra import warm
 
     def run_and_flush(argv: list[str]) -> int:
         code = main(argv)

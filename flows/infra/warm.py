@@ -5,7 +5,8 @@ datasets, MLflow, Prefect: ~10 s per stage on 2 cores, more than most tiny stage
 The first `rlhf stage` that finds no warm process starts one (`rlhf warm-serve`, a session of
 its own, output in `.rlhf/warm.log`) and runs cold; the next ones send it their command line,
 working directory, environment and standard streams over `.rlhf/warm.sock`. It forks; the fork
-runs `flows.cli.main` exactly as `rlhf` would and reports its exit code, which `rlhf` exits with.
+runs `flows.infra.cli.main` exactly as `rlhf` would and reports its exit code, which `rlhf`
+exits with.
 `rlhf` forwards SIGINT, SIGTERM and SIGHUP to the fork; if `rlhf` itself dies (`kill -9`), the
 fork notices the closed socket and kills itself: the stage never outlives its command.
 
@@ -52,12 +53,12 @@ IMPORT_ENV = (
 DISTRIBUTED = ("WORLD_SIZE", "RANK", "LOCAL_RANK")
 
 
-PACKAGE = Path(__file__).resolve().parents[1]  # where `flows` and `tasks` are imported from
+PACKAGE = Path(__file__).resolve().parents[2]  # where `flows` and `tasks` are imported from
 
 
 def fingerprint() -> str:
     """What a warm process must share with a command to run it."""
-    sources = sorted((PACKAGE / "flows").glob("*.py")) + sorted((PACKAGE / "tasks").rglob("*.py"))
+    sources = sorted((PACKAGE / "flows").rglob("*.py")) + sorted((PACKAGE / "tasks").rglob("*.py"))
     env = sorted((k, v) for k, v in os.environ.items() if k.startswith(IMPORT_ENV))
     mtimes = [(str(f), f.stat().st_mtime_ns) for f in sources]
     blob = json.dumps([sys.executable, str(PACKAGE), env, mtimes])
@@ -120,7 +121,7 @@ def _start(state_dir: Path, key: str) -> None:
     marker.touch()
     with (state_dir / LOG).open("ab") as log:
         subprocess.Popen(
-            [sys.executable, "-m", "flows.cli", "warm-serve", str(state_dir.resolve()), key],
+            [sys.executable, "-m", "flows.infra.cli", "warm-serve", str(state_dir.resolve()), key],
             cwd=state_dir,  # not the project: `flows` comes from where this one came from
             env=os.environ | {"PYTHONPATH": str(PACKAGE)},
             stdout=log,
@@ -132,8 +133,8 @@ def _start(state_dir: Path, key: str) -> None:
 
 def serve(state_dir: Path, key: str, run: Callable[[list[str]], int]) -> int:
     """The warm process: import everything, then fork per command until idle or replaced;
-    a fork runs `run(argv)` (flows.cli.main)."""
-    from flows.services import exit_on_sigterm
+    a fork runs `run(argv)` (flows.infra.cli.main)."""
+    from flows.infra.services import exit_on_sigterm
 
     idle_s = float(os.environ.get("RLHF_WARM_IDLE_S", "120"))
     try:

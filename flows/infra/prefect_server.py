@@ -6,7 +6,7 @@ stage, and it survives a `kill -9` of its parent). `shared_api()` gives a stage,
 1. the user's `PREFECT_API_URL`, untouched;
 2. the server `rlhf up` started (`.rlhf/prefect.url`), if it answers;
 3. the shared server (`.rlhf/prefect-server.url`) another stage started, if it answers;
-4. else it starts that server: `python -m flows.prefect_server`, a keeper process in a session
+4. else it starts that server: `python -m flows.infra.prefect_server`, a keeper process in a session
    of its own that runs `prefect server start` on a free port of 127.0.0.1 and stops it (and
    itself) once no stage has used it for `RLHF_PREFECT_IDLE_S` seconds (default 120).
 
@@ -80,7 +80,7 @@ def _start(state_dir: Path) -> str:
     (state_dir / URL_FILE).unlink(missing_ok=True)
     with (state_dir / LOG_FILE).open("ab") as log:
         keeper = subprocess.Popen(
-            [sys.executable, "-m", "flows.prefect_server", str(state_dir.resolve())],
+            [sys.executable, "-m", "flows.infra.prefect_server", str(state_dir.resolve())],
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -132,7 +132,7 @@ def _in_use(users: Path) -> bool:
 def keep(state_dir: Path, idle_s: float) -> int:
     """The keeper: run `prefect server start` on a free port, publish its URL once it answers,
     stop it after `idle_s` seconds without a user (or when the server exits)."""
-    from flows.services import exit_on_sigterm, free_port, stop_process_tree, ui_api
+    from flows.infra.services import exit_on_sigterm, free_port, stop_process_tree, ui_api
 
     exit_on_sigterm()  # `rlhf down`: clean up, then stop
     port = free_port()

@@ -21,11 +21,11 @@ from typing import Any
 
 from ruamel.yaml import YAML
 
-from flows.deployment import BIN, stage_outputs
-from flows.services import free_port, stop_process_tree
+from flows.infra.deployment import BIN, stage_outputs
+from flows.infra.services import free_port, stop_process_tree
 from tasks.stages import STAGE, STAGES
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 SMALL: dict[str, Any] = {
     "data.synthetic.num_sft": 200,
