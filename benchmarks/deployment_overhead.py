@@ -8,7 +8,7 @@ stages, locally, untimed), then times `rlhf stage <stage>` from process start to
 repeat once with each backend, alternating which goes first:
 
 - **local**: RLHF_ORCHESTRATION=local, the flow runs in the `rlhf` process;
-- **deployment**: RLHF_ORCHESTRATION=deployment, the run of deployment `<stage>/<stage>` on the
+- **deployment**: RLHF_ORCHESTRATION=deployment, the run of deployment `<stage>/<pool>` on the
   worker, followed until it ends and its last log records arrived.
 
 Both report to the same server and the same MLflow store (SQLite in the copy). Breakdown of a
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(parser, argv, repeats="pairs of runs")
 
     with scratch_dir("rlhf-deployment-overhead-", args.keep) as root:
-        workspace = copy_repo(root / "repo")
+        workspace = copy_repo(root / "repo", {"orchestration.work_pool": POOL})
         env = clean_env(workspace, root)
         logs = root / "logs"
         with services(logs) as started:

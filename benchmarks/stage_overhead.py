@@ -64,9 +64,10 @@ from benchmarks.harness import (  # noqa: E402
     run_logged,
     scratch_dir,
 )
-from flows.infra.deployment import BIN, stage_outputs  # noqa: E402
+from flows.infra.deployment import BIN  # noqa: E402
 from flows.infra.services import stop_recorded  # noqa: E402
 from flows.infra.testing import services, start_prefect_server, upstream, write_params  # noqa: E402
+from flows.infra.transfer import stage_outputs  # noqa: E402
 
 SHARED_SERVER = r"^rlhf: started a shared Prefect server at \S+ in ([\d.]+) s"
 from tasks.params import load_params  # noqa: E402

@@ -3,15 +3,14 @@
 
 from __future__ import annotations
 
-from prefect import flow
-
+from flows.infra.handoff import stage
 from tasks.generation import log_samples
 from tasks.params import Params
 from tasks.tracking import log_summary, stage_run
 from tasks.trainers import train
 
 
-@flow(name="dpo")
+@stage("dpo")
 def dpo(params: Params) -> dict[str, float]:
     """Train, save models/dpo/, log samples and summary metrics."""
     with stage_run("dpo", params):

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from prefect import flow
-
+from flows.infra.handoff import stage
 from tasks.evaluate import answer, best_policy, check_policies, compare, publish, samples_table
 from tasks.generation import eval_prompts
 from tasks.io import atomic_dir, write_json
@@ -13,7 +12,7 @@ from tasks.stages import METRICS_DIR, PLOTS_DIR, REPORTS_DIR
 from tasks.tracking import prefect_markdown, stage_run
 
 
-@flow(name="evaluate")
+@stage("evaluate")
 def evaluate(params: Params) -> dict[str, float]:
     """Generate and judge per policy, compare, report, register the best policy."""
     cfg = params.evaluate

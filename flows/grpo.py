@@ -4,15 +4,14 @@ completions per prompt, advantages relative to the group, rewarded by `grpo.rewa
 
 from __future__ import annotations
 
-from prefect import flow
-
+from flows.infra.handoff import stage
 from tasks.generation import log_samples
 from tasks.online import train_online
 from tasks.params import Params
 from tasks.tracking import log_summary, stage_run
 
 
-@flow(name="grpo")
+@stage("grpo")
 def grpo(params: Params) -> dict[str, float]:
     """Train, save models/grpo/, log samples and summary metrics."""
     with stage_run("grpo", params):

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from prefect import flow
-
+from flows.infra.handoff import stage
 from tasks.generation import log_samples
 from tasks.params import Params
 from tasks.ppo.train import train_ppo
 from tasks.tracking import log_summary, stage_run
 
 
-@flow(name="ppo")
+@stage("ppo")
 def ppo(params: Params) -> dict[str, float]:
     """Rollout and update tasks per iteration, save models/ppo/, log samples and the summary."""
     with stage_run("ppo", params):

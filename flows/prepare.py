@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import mlflow
-from prefect import flow
 
+from flows.infra.handoff import stage
 from tasks.io import atomic_dir
 from tasks.params import Params
 from tasks.prepare import build_base_model, prepare_data
@@ -12,7 +12,7 @@ from tasks.stages import MODELS_DIR, PREPARED_DIR
 from tasks.tracking import log_summary, stage_run
 
 
-@flow(name="prepare")
+@stage("prepare")
 def prepare(params: Params) -> dict[str, float]:
     """Validate, convert, dedupe and split the data; build or resolve the base model."""
     with stage_run("prepare", params):

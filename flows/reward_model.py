@@ -3,14 +3,13 @@ preference pairs (trl.RewardTrainer). Stores its score mean/std for PPO."""
 
 from __future__ import annotations
 
-from prefect import flow
-
+from flows.infra.handoff import stage
 from tasks.params import Params
 from tasks.tracking import log_summary, stage_run
 from tasks.trainers import train
 
 
-@flow(name="reward_model")
+@stage("reward_model")
 def reward_model(params: Params) -> dict[str, float]:
     """Train, save models/reward_model/, log samples and summary metrics."""
     with stage_run("reward_model", params):

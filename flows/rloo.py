@@ -3,15 +3,14 @@ is the mean reward of the others for its prompt, rewarded by `rloo.rewards` (trl
 
 from __future__ import annotations
 
-from prefect import flow
-
+from flows.infra.handoff import stage
 from tasks.generation import log_samples
 from tasks.online import train_online
 from tasks.params import Params
 from tasks.tracking import log_summary, stage_run
 
 
-@flow(name="rloo")
+@stage("rloo")
 def rloo(params: Params) -> dict[str, float]:
     """Train, save models/rloo/, log samples and summary metrics."""
     with stage_run("rloo", params):

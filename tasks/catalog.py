@@ -13,22 +13,13 @@ from typing import Any
 
 import mlflow
 
-from tasks.io import write_json
+from tasks.io import md5, write_json
 from tasks.params import Params
 from tasks.stages import MODELS_DIR, PREPARED_DIR, STAGE
 
 log = logging.getLogger(__name__)
 
 RUN_FILE = "mlflow_run.json"  # in models/<stage>/: the run that trained it
-
-
-def md5(path: Path) -> str:
-    """DVC's md5 of a file: the md5 of its bytes."""
-    digest = hashlib.md5()
-    with path.open("rb") as stream:
-        while chunk := stream.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def log_datasets(stage: str, params: Params) -> None:

@@ -22,7 +22,7 @@ from pydantic import (
     model_validator,
 )
 
-from tasks.stages import POLICIES
+from tasks.stages import POLICIES, STAGES
 
 
 class Section(BaseModel):
@@ -305,12 +305,23 @@ class TrackingConfig(Section):
     """Seconds between two system-metrics samples."""
 
 
+class StagePlacement(Section):
+    backend: Literal["local", "deployment"] | None = None
+    """This stage's backend; null: `orchestration.backend`."""
+    work_pool: str | None = Field(default=None, min_length=1)
+    """The work pool of this stage's deployment (`<stage>/<pool>`); null: `work_pool`."""
+
+
 class OrchestrationConfig(Section):
     backend: Literal["local", "deployment"]
-    """`local` runs a stage's flow in-process; `deployment` runs its Prefect deployment on a
-    worker. $RLHF_ORCHESTRATION overrides it."""
+    """Every stage's default: `local` runs a stage's flow in-process; `deployment` runs its
+    Prefect deployment on a worker. $RLHF_ORCHESTRATION overrides it (flows/infra/deployment.py:
+    `deployment`, or per stage `deployment,prepare=local,ppo=deployment@big-gpu`)."""
     work_pool: str = Field(min_length=1)
-    """Prefect work pool the deployments run on."""
+    """Prefect work pool of the deployments (`rlhf deploy --pool` registers `<stage>/<pool>`)."""
+    stages: dict[Literal[tuple(spec.name for spec in STAGES)], StagePlacement] = {}
+    """Per-stage choices, e.g. {prepare: {backend: local}, ppo: {work_pool: big-gpu}}: the
+    training stages on the GPU worker, the cheap ones here."""
     timeout_s: float = Field(gt=0)
     """A deployment run taking longer than this fails the stage."""
     poll_interval_s: float = Field(gt=0)

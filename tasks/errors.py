@@ -36,6 +36,12 @@ class StageFailed(UserError):
     """A deployment run that failed, crashed, was cancelled or timed out."""
 
 
+class HandoffFailed(UserError):
+    """A stage could not move to or from a worker that shares no disk (flows/infra/handoff.py):
+    the code is not committed or pushed, the DVC remote is missing or unreachable, an object
+    does not match its hash."""
+
+
 class Terminated(BaseException):
     """SIGTERM arrived (a worker cancelling the run, `docker stop`, `dvc repro` killed). A
     BaseException, like KeyboardInterrupt: no `except Exception` on the way out swallows it.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -52,6 +53,15 @@ def write_json(path: str | Path, obj: Any) -> Path:
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
     os.replace(tmp, path)
     return path
+
+
+def md5(path: Path) -> str:
+    """DVC's md5 of a file: the md5 of its bytes."""
+    digest = hashlib.md5()
+    with path.open("rb") as stream:
+        while chunk := stream.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:

@@ -228,6 +228,7 @@ def _process_tags() -> dict[str, str]:
     from prefect.runtime import flow_run
 
     tags = {"rlhf.host": socket.gethostname(), "rlhf.pid": str(os.getpid())}
+    tags["rlhf.workdir"] = os.getcwd()  # which checkout ran it (a worker's, or this one)
     return tags | ({FLOW_RUN_TAG: str(flow_run.id)} if flow_run.id else {})
 
 

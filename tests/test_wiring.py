@@ -215,10 +215,15 @@ def test_stage_inputs_are_upstream_outputs():
 
 
 def test_prefect_deployments_are_the_stages_and_the_pipeline():
+    """One deployment per stage flow and the pipeline, each named after its pool (`sft/gpu`),
+    working where the hand-off's pull step puts it."""
     prefect = _load_yaml(REPO / "prefect.yaml")
-    entrypoints = {d["name"]: d["entrypoint"] for d in prefect["deployments"]}
-    expected = {spec.name: f"flows.{spec.name}:{spec.name}" for spec in STAGES}
-    assert entrypoints == expected | {"pipeline": "flows.pipeline:pipeline"}
+    entrypoints = [d["entrypoint"] for d in prefect["deployments"]]
+    expected = [f"flows.{spec.name}:{spec.name}" for spec in STAGES]
+    assert entrypoints == [*expected, "flows.pipeline:pipeline"]
+    assert {d["name"] for d in prefect["deployments"]} == {"{{ $RLHF_WORK_POOL }}"}
+    (step,) = prefect["pull"]
+    assert list(step) == ["flows.infra.handoff.enter"]
 
 
 def test_params_sections_are_the_config_model():

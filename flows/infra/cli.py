@@ -26,6 +26,7 @@ EXAMPLES = """examples:
   rlhf generate --compare "What is 3 plus 4?"   every trained policy, side by side
   rlhf up --worker gpu && rlhf deploy     local Prefect + MLflow servers, a worker, deployments
   RLHF_ORCHESTRATION=deployment dvc repro  every stage runs on the worker pool
+  RLHF_ORCHESTRATION=deployment,prepare=local,evaluate=local dvc repro   training on the worker
 """
 
 
@@ -88,9 +89,27 @@ def main(argv: list[str] | None = None) -> int:
         "deploy",
         help="register the stage and pipeline deployments (prefect.yaml) with the Prefect server",
         description="Create the work pool if missing (process type) and run `prefect deploy "
-        "--all`; runs execute in this workspace. Needs PREFECT_API_URL.",
+        "--all`: deployments <stage>/<pool>. Needs PREFECT_API_URL.",
+        epilog="examples:\n"
+        "  rlhf deploy --pool gpu                      runs work in this directory (a worker\n"
+        "                                              on this box or a shared file system)\n"
+        "  rlhf deploy --pool gpu --workspace clone    runs work in each worker's own clone;\n"
+        "                                              data moves through the DVC remote\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     deploy.add_argument("--pool", help="work pool (default: orchestration.work_pool)")
+    deploy.add_argument(
+        "--workspace",
+        choices=("shared", "clone"),
+        default="shared",
+        help="where the runs work: this workspace, shared with the worker (default), or the "
+        "worker's own checkout of the git remote (docs/gpu-worker.md)",
+    )
+    deploy.add_argument(
+        "--repository",
+        metavar="URL",
+        help="--workspace clone: the git remote the workers clone (default: origin's URL)",
+    )
     deploy.add_argument("--params", type=Path, default=Path("params.yaml"))
     deploy.set_defaults(run=run_deploy)
 
@@ -197,7 +216,7 @@ def stage_flow(name: str) -> Callable:
 
 def run_stage(args: argparse.Namespace) -> int:
     from flows.infra import warm
-    from flows.infra.deployment import backend, run_on_worker
+    from flows.infra.deployment import placement, run_on_worker
     from flows.infra.prefect_server import STATE_DIR, shared_prefect
 
     # What can be checked without torch or Prefect fails here, in a second.
@@ -206,9 +225,10 @@ def run_stage(args: argparse.Namespace) -> int:
     params = load_params(args.params)
     _check_inputs(args.name, params)
     start = time.perf_counter()
-    if backend(params) == "deployment":
+    backend, pool = placement(args.name, params)
+    if backend == "deployment":
         _prefect_console(args.debug)
-        run_on_worker(args.name, params)
+        run_on_worker(args.name, params, pool)
         print(f"rlhf: {args.name} done on the worker in {time.perf_counter() - start:.1f}s")
         return 0
     warm.prestart(STATE_DIR)  # imports while the Prefect server starts, for this stage or the next
@@ -278,7 +298,8 @@ def run_generate(args: argparse.Namespace) -> int:
 def run_deploy(args: argparse.Namespace) -> int:
     from flows.infra.deployment import deploy
 
-    deploy(args.pool or load_params(args.params).orchestration.work_pool)
+    pool = args.pool or load_params(args.params).orchestration.work_pool
+    deploy(pool, args.workspace, args.repository)
     return 0
 
 

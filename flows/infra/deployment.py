@@ -1,6 +1,9 @@
-"""The worker path: `rlhf stage X` with RLHF_ORCHESTRATION=deployment runs the stage's Prefect
-deployment on a work pool and waits for it; `rlhf deploy` registers the deployments of
-prefect.yaml. Kept free of torch imports: the laptop side only talks to the Prefect API.
+"""The worker path: `rlhf stage X` placed on the deployment backend runs the stage's Prefect
+deployment `X/<pool>` on a work pool and waits for it; `rlhf deploy` registers the deployments
+of prefect.yaml. A deployment of `--workspace shared` runs in this very workspace (same box, or
+a network file system); one of `--workspace clone` in the worker's own checkout, the data moving
+through the DVC remote (flows/infra/handoff.py). Kept free of torch imports: the laptop side
+only talks to the Prefect API, git and DVC.
 """
 
 from __future__ import annotations
@@ -15,28 +18,49 @@ from pathlib import Path
 from typing import Any
 from uuid import UUID
 
-from ruamel.yaml import YAML
-
-from tasks.errors import StageFailed, UserError
+from flows.infra import handoff, transfer
+from tasks.errors import StageFailed, Terminated, UserError
 from tasks.lineage import pipeline_id
 from tasks.params import Params
+from tasks.stages import STAGE
 
 BIN = Path(sys.executable).parent
+BACKENDS = ("local", "deployment")
 
 
-def backend(params: Params) -> str:
-    """$RLHF_ORCHESTRATION, else `orchestration.backend` (untracked: switching rebuilds nothing)."""
-    choice = os.environ.get("RLHF_ORCHESTRATION") or params.orchestration.backend
-    if choice not in ("local", "deployment"):
-        raise UserError(f"RLHF_ORCHESTRATION={choice!r}: expected 'local' or 'deployment'")
-    return choice
+def placement(stage: str, params: Params) -> tuple[str, str]:
+    """Where `stage` runs: (backend, work pool). $RLHF_ORCHESTRATION is `local`, `deployment`
+    or a list such as `deployment,prepare=local,ppo=deployment@big-gpu` (a default, then
+    `stage=backend[@pool]`). The most specific choice wins: the variable's for this stage, then
+    `orchestration.stages.<stage>`, then the variable's default, then `orchestration.backend` /
+    `work_pool`. Neither is tracked by DVC: moving a stage rebuilds nothing."""
+    cfg = params.orchestration
+    given = os.environ.get("RLHF_ORCHESTRATION", "")
+    default, mine = None, None
+    for item in filter(None, (part.strip() for part in given.split(","))):
+        name, _, choice = item.rpartition("=")
+        backend, _, pool = choice.partition("@")
+        if backend not in BACKENDS or (name and name not in STAGE) or (pool and not name):
+            raise UserError(
+                f"RLHF_ORCHESTRATION={given!r}: {item!r} is not 'local', 'deployment' or "
+                "stage=backend[@pool] (e.g. 'deployment,prepare=local,ppo=deployment@big-gpu')"
+            )
+        if not name:
+            default = backend
+        elif name == stage:
+            mine = (backend, pool or None)
+    own = cfg.stages.get(stage)
+    backend = (mine and mine[0]) or (own and own.backend) or default or cfg.backend
+    return backend, (mine and mine[1]) or (own and own.work_pool) or cfg.work_pool
 
 
-def run_on_worker(stage: str, params: Params) -> None:
-    """Trigger `<stage>/<stage>` with the resolved params, stream its logs, fail unless it
-    completes in time, then check its outputs arrived in this (shared) workspace."""
+def run_on_worker(stage: str, params: Params, pool: str) -> None:
+    """Trigger `<stage>/<pool>` with the resolved params, stream its logs, fail unless it
+    completes in time; then the outputs are here: in a shared workspace the worker wrote them,
+    from a clone deployment they come through the DVC remote (handoff.receive)."""
     from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
+    from prefect.exceptions import ObjectNotFound
     from prefect.settings import PREFECT_API_URL
 
     if not PREFECT_API_URL.value():
@@ -45,11 +69,21 @@ def run_on_worker(stage: str, params: Params) -> None:
             "(`rlhf up` starts one and prints it)"
         )
     cfg = params.orchestration
+    with get_client(sync_client=True) as client:
+        try:
+            deployment = client.read_deployment_by_name(f"{stage}/{pool}")
+        except ObjectNotFound:
+            raise UserError(
+                f"{stage}: no deployment {stage}/{pool} on the Prefect server: "
+                f"`rlhf deploy --pool {pool}` registers it"
+            ) from None
+    clone = workspace_of(deployment) == "clone"
+    # The stages of one `dvc repro` share its pipeline id (an MLflow tag), wherever they run.
+    env = {"RLHF_PIPELINE_ID": pipeline_id()} | (handoff.send(stage) if clone else {})
     flow_run = run_deployment(
-        f"{stage}/{stage}",
+        deployment.id,
         parameters={"params": params.model_dump(mode="json")},
-        # The stages of one `dvc repro` share its pipeline id (an MLflow tag), wherever they run.
-        job_variables={"env": {"RLHF_PIPELINE_ID": pipeline_id()}},
+        job_variables={"env": env},
         timeout=0,  # return at once; we follow the run ourselves
         as_subflow=False,
     )
@@ -69,7 +103,7 @@ def run_on_worker(stage: str, params: Params) -> None:
                         f"({cfg.timeout_s:g} s) and was cancelled"
                     )
                 time.sleep(cfg.poll_interval_s)
-        except KeyboardInterrupt:  # Ctrl-C stops the run too, not only the following of it
+        except (KeyboardInterrupt, Terminated):  # Ctrl-C, a killed `dvc repro`: the run stops too
             _cancel(client, client.read_flow_run(flow_run.id))
             print(f"rlhf: cancelled deployment run '{flow_run.name}'", file=sys.stderr)
             raise
@@ -79,18 +113,32 @@ def run_on_worker(stage: str, params: Params) -> None:
         while logs.seen and not logs.finished and time.monotonic() < grace:
             time.sleep(min(cfg.poll_interval_s, 0.25))
             logs.poll()
-    if not run.state.is_completed():
-        raise StageFailed(
-            f"{stage}: deployment run '{run.name}' ended {run.state.type.value}: "
-            f"{(run.state.message or '').strip().splitlines()[0] if run.state.message else ''}"
-            f" (logs: Prefect UI, flow run {flow_run.id})"
-        )
-    missing = [path for path in stage_outputs(stage) if not Path(path).exists()]
+        if not run.state.is_completed():
+            raise StageFailed(
+                f"{stage}: deployment run '{run.name}' ended {run.state.type.value}: "
+                f"{(run.state.message or '').strip().splitlines()[0] if run.state.message else ''}"
+                f" (logs: Prefect UI, flow run {flow_run.id})"
+            )
+        if clone:
+            handoff.receive(stage, handoff.published(client, flow_run.id))
+    missing = [path for path in transfer.stage_outputs(stage) if not Path(path).exists()]
     if missing:
         raise StageFailed(
             f"{stage}: the worker finished but {', '.join(missing)} is missing here: does the "
-            "worker share this workspace? (docs/gpu-worker.md)"
+            f"worker share this workspace? If not, `rlhf deploy --pool {pool} --workspace clone` "
+            "(docs/gpu-worker.md)"
         )
+
+
+def workspace_of(deployment: Any) -> str:
+    """`shared` or `clone`: the workspace its pull step (handoff.enter) gives its runs."""
+    for step in deployment.pull_steps or []:
+        if ENTER_STEP in step:
+            return step[ENTER_STEP]["workspace"]
+    return "shared"
+
+
+ENTER_STEP = "flows.infra.handoff.enter"
 
 
 LOG_GRACE_S = 3.0
@@ -159,16 +207,11 @@ class _LogTail:
             offset += self.PAGE
 
 
-def stage_outputs(stage: str, dvc_yaml: Path = Path("dvc.yaml")) -> list[str]:
-    """The outs, metrics and plots dvc.yaml declares for `stage`."""
-    spec = YAML(typ="safe").load(dvc_yaml)["stages"][stage]
-    entries = [*spec.get("outs", []), *spec.get("metrics", []), *spec.get("plots", [])]
-    return [entry if isinstance(entry, str) else next(iter(entry)) for entry in entries]
-
-
-def deploy(pool: str) -> None:
-    """Create the process work pool if missing, then `prefect deploy --all` from prefect.yaml
-    with this workspace as the runs' working directory."""
+def deploy(pool: str, workspace: str = "shared", repository: str | None = None) -> None:
+    """Create the process work pool if missing, then `prefect deploy --all` from prefect.yaml:
+    deployments `<stage>/<pool>` whose runs work in this workspace (`shared`; RLHF_WORKSPACE
+    names it as the worker sees it) or in the worker's checkout of `repository` (`clone`;
+    default: this repository's `origin`)."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import WorkPoolCreate
     from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
@@ -179,6 +222,15 @@ def deploy(pool: str) -> None:
             "rlhf deploy needs a Prefect server: set PREFECT_API_URL "
             "(`rlhf up` starts one and prints it)"
         )
+    if workspace == "clone" and not repository:
+        git = ["git", "remote", "get-url", "origin"]
+        done = subprocess.run(git, capture_output=True, text=True)
+        if done.returncode:
+            raise UserError(
+                "rlhf deploy --workspace clone: this repository has no `origin`, which the "
+                "workers would clone: `git remote add origin URL`, or give --repository URL"
+            )
+        repository = done.stdout.strip()
     with get_client(sync_client=True) as client:
         try:
             client.read_work_pool(pool)
@@ -188,9 +240,12 @@ def deploy(pool: str) -> None:
                 print(f"rlhf: created process work pool '{pool}'")
             except ObjectAlreadyExists:  # a worker started meanwhile created it
                 pass
+    where = os.environ.get("RLHF_WORKSPACE", str(Path.cwd().resolve()))
     env = os.environ | {
         "RLHF_WORK_POOL": pool,
-        "RLHF_WORKSPACE": os.environ.get("RLHF_WORKSPACE", str(Path.cwd().resolve())),
+        "RLHF_WORKSPACE_MODE": workspace,
+        "RLHF_WORKSPACE": where if workspace == "shared" else "",
+        "RLHF_REPOSITORY": repository or "",
     }
     done = subprocess.run(
         [str(BIN / "prefect"), "--no-prompt", "deploy", "--all"],
@@ -201,4 +256,5 @@ def deploy(pool: str) -> None:
     if done.returncode:
         tail = (done.stderr or done.stdout).strip().splitlines()[-1:]
         raise StageFailed(f"prefect deploy failed: {' '.join(tail)}")
-    print(f"rlhf: deployments registered on pool '{pool}' (workspace {env['RLHF_WORKSPACE']})")
+    runs = f"workspace {where}" if workspace == "shared" else f"the workers' clones of {repository}"
+    print(f"rlhf: deployments <stage>/{pool} registered on pool '{pool}' ({runs})")

@@ -21,8 +21,9 @@ from typing import Any
 
 from ruamel.yaml import YAML
 
-from flows.infra.deployment import BIN, stage_outputs
+from flows.infra.deployment import BIN
 from flows.infra.services import free_port, stop_process_tree
+from flows.infra.transfer import stage_outputs
 from tasks.stages import STAGE, STAGES
 
 REPO = Path(__file__).resolve().parents[2]
@@ -278,6 +279,36 @@ def start_prefect_server(started: Services, cwd: Path, env: dict[str, str]) -> s
     api = f"http://127.0.0.1:{port}/api"
     wait_http(f"{api}/health", server)
     return api
+
+
+def start_mlflow_server(started: Services, store: Path, env: dict[str, str]) -> str:
+    """`mlflow server` on a free port of 127.0.0.1, its runs in `store`/mlflow.db and its
+    artifacts in `store`/artifacts (served through it); its tracking URI once healthy."""
+    port = free_port()
+    store.mkdir(parents=True, exist_ok=True)
+    server = started.start(
+        "mlflow-server",
+        [
+            str(BIN / "mlflow"),
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{store / 'mlflow.db'}",
+            "--artifacts-destination",
+            str(store / "artifacts"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",  # one starts twice as fast, and is plenty for a test
+            "1",
+        ],
+        cwd=store,
+        env={k: v for k, v in env.items() if not k.startswith("MLFLOW_")}
+        | {"MLFLOW_DISABLE_TELEMETRY": "true"},
+    )
+    uri = f"http://127.0.0.1:{port}"
+    wait_http(f"{uri}/health", server)
+    return uri
 
 
 def start_worker(started: Services, pool: str, workspace: Path, env: dict[str, str]) -> Service:

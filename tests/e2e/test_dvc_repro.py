@@ -26,7 +26,7 @@ from flows.infra.testing import (
     wait_http,
     write_params,
 )
-from tasks.catalog import md5
+from tasks.io import md5
 from tasks.stages import POLICIES, STAGES
 
 pytestmark = pytest.mark.slow

@@ -18,7 +18,7 @@ import pytest
 from ruamel.yaml import YAML
 
 import tasks.stages
-from flows.infra.deployment import BIN, stage_outputs
+from flows.infra.deployment import BIN
 from flows.infra.services import alive, free_port, listening, process_family, stop_process_tree
 from flows.infra.testing import (
     REPO,
@@ -30,6 +30,7 @@ from flows.infra.testing import (
     wait_for_pool,
     write_params,
 )
+from flows.infra.transfer import stage_outputs
 from tasks.params import load_params
 
 pytestmark = [pytest.mark.service, pytest.mark.slow]
@@ -69,7 +70,7 @@ class Stack:
 def stack(tmp_path_factory: pytest.TempPathFactory, module_processes: Services) -> Stack:
     """Server, work pool (created by `rlhf deploy`), worker, deployments: all on 127.0.0.1."""
     root = tmp_path_factory.mktemp("deployment")
-    workspace = copy_repo(root / "repo")
+    workspace = copy_repo(root / "repo", {"orchestration.work_pool": POOL})
     env = clean_env(workspace, root)
     env["PREFECT_API_URL"] = api = start_prefect_server(module_processes, root, env)
     stack = Stack(root, workspace, env, api, module_processes)
@@ -131,13 +132,15 @@ def test_rlhf_deploy_registers_every_stage_on_the_pool(stack: Stack) -> None:
         deployments = client.read_deployments(
             work_pool_filter=WorkPoolFilter(name=WorkPoolFilterName(any_=[POOL]))
         )
-    by_name = {d.name: d for d in deployments}
-    assert set(by_name) == set(dvc_stages) | {"pipeline"}
-    for name, deployment in by_name.items():
-        assert deployment.work_pool_name == POOL
+    with stack.client() as client:
+        by_flow = {client.read_flow(d.flow_id).name: d for d in deployments}
+    assert set(by_flow) == set(dvc_stages) | {"pipeline"}
+    for name, deployment in by_flow.items():
+        assert deployment.name == POOL and deployment.work_pool_name == POOL
         assert deployment.entrypoint == f"flows.{name}:{name}"
-        workdir = deployment.pull_steps[0]["prefect.deployments.steps.set_working_directory"]
-        assert workdir == {"directory": str(stack.workspace.resolve())}
+        (step,) = deployment.pull_steps
+        workspace = {"directory": str(stack.workspace.resolve()), "workspace": "shared"}
+        assert step["flows.infra.handoff.enter"] == workspace | {"repository": ""}
 
 
 def test_dvc_repro_runs_the_stages_on_the_worker(
@@ -158,7 +161,7 @@ def test_dvc_repro_runs_the_stages_on_the_worker(
 
     with stack.client() as client:
         for stage in STAGES:
-            deployment = client.read_deployment_by_name(f"{stage}/{stage}")
+            deployment = client.read_deployment_by_name(f"{stage}/{POOL}")
             assert deployment.work_pool_name == POOL
             (run,) = _runs_of(client, deployment.id)
             assert run.state.is_completed(), (stage, run.state)
@@ -222,12 +225,13 @@ def test_a_failing_run_fails_dvc_repro(
     assert "failed to reproduce 'sft'" in output
     assert _lock(stack)["sft"] == locked_sft
     with stack.client() as client:
-        newest = _runs_of(client, client.read_deployment_by_name("sft/sft").id)[0]
+        newest = _runs_of(client, client.read_deployment_by_name(f"sft/{POOL}").id)[0]
     assert newest.state.is_failed(), newest.state
 
 
 def test_a_run_past_its_timeout_is_cancelled(stack: Stack) -> None:
-    params = write_params(stack.root / "timeout.yaml", {"orchestration.timeout_s": 1})
+    overrides = {"orchestration.timeout_s": 1, "orchestration.work_pool": POOL}
+    params = write_params(stack.root / "timeout.yaml", overrides)
     # not the copy's FAST params: the timeout is the only difference that matters here
     started = time.monotonic()
     done = stack.run(
@@ -243,7 +247,7 @@ def test_a_run_past_its_timeout_is_cancelled(stack: Stack) -> None:
     assert "exceeded orchestration.timeout_s (1 s) and was cancelled" in done.stderr
     assert time.monotonic() - started < 60
     with stack.client() as client:
-        deployment = client.read_deployment_by_name("prepare/prepare")
+        deployment = client.read_deployment_by_name(f"prepare/{POOL}")
         deadline = time.monotonic() + 30
         while True:
             run = _runs_of(client, deployment.id)[0]  # the newest
