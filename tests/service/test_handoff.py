@@ -1,8 +1,9 @@
-"""A worker that shares no disk with the laptop (flows/infra/handoff.py), on one machine: two
-directories that share nothing but a bare git repository (the git remote), a local-directory
-DVC remote and the services — a real Prefect server, a real MLflow server, a process worker
-started in the worker's own clone. `RLHF_ORCHESTRATION=deployment dvc repro` in the laptop's
-directory runs prepare → sft → dpo on the worker; the outputs come back through the remote."""
+"""A worker that shares no disk with the laptop (flows/infra/handoff.py), on one machine
+(flows/infra/testing_handoff.py): the two share a bare git repository, a local-directory DVC
+remote and the services — a real Prefect server, a real MLflow server, a process worker started
+in the worker's own clone, each side with its own state and environment.
+`RLHF_ORCHESTRATION=deployment dvc repro` in the laptop's directory runs prepare → sft → dpo on
+the worker; the outputs come back through the remote."""
 
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ import contextlib
 import json
 import subprocess
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,16 +18,8 @@ import pytest
 from ruamel.yaml import YAML
 
 from flows.infra.deployment import BIN
-from flows.infra.testing import (
-    GIT_IDENTITY,
-    Services,
-    clean_env,
-    copy_repo,
-    start_mlflow_server,
-    start_prefect_server,
-    start_worker,
-    wait_for_pool,
-)
+from flows.infra.testing import Services
+from flows.infra.testing_handoff import Hosts, laptop_and_worker
 from flows.infra.transfer import stage_outputs
 
 pytestmark = [pytest.mark.service, pytest.mark.slow]
@@ -36,78 +28,10 @@ POOL = "handoff"
 STAGES = ("prepare", "sft", "dpo")
 
 
-@dataclass
-class Hosts:
-    root: Path
-    laptop: Path
-    worker: Path  # the worker's clone, where it was started and keeps its checkout
-    remote: Path  # the DVC remote
-    origin: Path  # the git remote
-    env: dict[str, str]  # the laptop's
-    api: str
-    mlflow: str
-
-    @property
-    def checkout(self) -> Path:
-        return self.worker / ".rlhf" / "checkout"
-
-    def run(self, *args: str, cwd: Path | None = None, **env: str) -> subprocess.CompletedProcess:
-        done = subprocess.run(
-            list(args),
-            cwd=cwd or self.laptop,
-            env=self.env | env,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        log = self.root / "logs" / f"{Path(args[0]).name}-{args[1]}.log"
-        with log.open("a") as out:
-            out.write(f"$ {' '.join(args)}\n{done.stdout}{done.stderr}\n")
-        return done
-
-    def git(self, *args: str, cwd: Path | None = None) -> str:
-        done = self.run("git", "-c", "commit.gpgsign=false", *args, cwd=cwd)
-        assert done.returncode == 0, done.stderr
-        return done.stdout.strip()
-
-    def client(self) -> Any:
-        from prefect.client.orchestration import SyncPrefectClient
-
-        return SyncPrefectClient(self.api)
-
-
 @pytest.fixture(scope="module")
-def hosts(tmp_path_factory: pytest.TempPathFactory, module_processes: Services) -> Hosts:
-    root = tmp_path_factory.mktemp("handoff")
-    (root / "logs").mkdir()
-    origin, remote = root / "origin.git", root / "dvc-remote"
-    subprocess.run(["git", "init", "-q", "--bare", "-b", "main", str(origin)], check=True)
-    laptop = copy_repo(root / "laptop", {"orchestration.work_pool": POOL})
-    (laptop / ".rlhf" / "home").mkdir(parents=True)
-    env = clean_env(laptop, laptop / ".rlhf" / "home") | GIT_IDENTITY
-    server = root / "server"
-    server.mkdir()
-    env["PREFECT_API_URL"] = api = start_prefect_server(
-        module_processes, root, clean_env(laptop, server)
-    )
-    env["MLFLOW_TRACKING_URI"] = uri = start_mlflow_server(module_processes, server, env)
-    hosts = Hosts(root, laptop, root / "worker", remote, origin, env, api, uri)
-    hosts.git("remote", "add", "origin", str(origin))
-    assert (
-        hosts.run(str(BIN / "dvc"), "remote", "add", "-d", "storage", str(remote)).returncode == 0
-    )
-    hosts.git("commit", "-qam", "DVC remote")
-    hosts.git("push", "-q", "origin", "HEAD:main")
-    hosts.git("clone", "-q", str(origin), str(hosts.worker), cwd=root)
-
-    deploy = hosts.run(str(BIN / "rlhf"), "deploy", "--pool", POOL, "--workspace", "clone")
-    assert deploy.returncode == 0, deploy.stdout + deploy.stderr
-    (hosts.worker / ".rlhf" / "home").mkdir(parents=True)
-    worker_env = clean_env(hosts.worker, hosts.worker / ".rlhf" / "home")
-    worker_env |= {"PREFECT_API_URL": api, "MLFLOW_TRACKING_URI": uri}
-    start_worker(module_processes, POOL, hosts.worker, worker_env)
-    wait_for_pool(api, POOL, worker=True)
-    return hosts
+def hosts(tmp_path_factory: pytest.TempPathFactory, module_processes: Services) -> Iterator[Hosts]:
+    with laptop_and_worker(module_processes, tmp_path_factory.mktemp("handoff"), POOL) as hosts:
+        yield hosts
 
 
 @pytest.fixture(scope="module")

@@ -103,8 +103,10 @@ def test_a_user_url_wins_and_rlhf_down_stops_the_shared_server(
     assert shared.stdout.readline().strip().endswith("/api")
     shared.communicate()
     keeper = psutil.Process(int((state / PID_FILE).read_text()))
-    monkeypatch.chdir(tmp_path)
-    state.rename(tmp_path / ".rlhf")  # where `rlhf down` looks
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / ".rlhf").symlink_to(state)  # where `rlhf down` looks; the keeper keeps its path
+    monkeypatch.chdir(project)
     done = subprocess.run(
         [sys.executable, "-m", "flows.infra.cli", "down"],
         capture_output=True,
