@@ -9,6 +9,7 @@ docs/architecture.md ("Adding a stage").
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,21 @@ METRICS_DIR = Path("metrics")
 CHECKPOINTS_DIR = Path("checkpoints")
 REPORTS_DIR = Path("reports")
 PLOTS_DIR = Path("plots")
+
+
+def project_root() -> Path:
+    """The repository a run belongs to, where its MLflow store and `.rlhf/` state live. `dvc exp
+    run --temp`/`--queue` runs the stages in a copy under `.dvc/tmp/exps/` that DVC deletes
+    afterwards, and tells every stage command the repository's own root in $DVC_ROOT (as it
+    does in `dvc repro`); a stage run by hand: the working directory."""
+    return Path(os.environ.get("DVC_ROOT") or os.getcwd())
+
+
+def state_dir() -> Path:
+    """`.rlhf/`: the project's services, shared Prefect server and warm process (their pid,
+    URL, socket and log files), one set however many copies run stages."""
+    return project_root() / ".rlhf"
+
 
 Kind = Literal["prepare", "trl", "ppo", "evaluate"]
 Head = Literal["causal_lm", "scorer"]

@@ -10,6 +10,7 @@ is left RUNNING.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import importlib.metadata
 import logging
 import os
@@ -23,6 +24,7 @@ from typing import Any
 
 import mlflow
 import psutil
+from mlflow.entities import Experiment
 from prefect.exceptions import TerminationSignal
 
 from tasks.catalog import log_datasets
@@ -31,11 +33,12 @@ from tasks.errors import SIGNALLED, Terminated
 from tasks.io import resumable_run_id, write_json
 from tasks.lineage import pipeline_id, upstream_hashes
 from tasks.params import Params
-from tasks.stages import CHECKPOINTS_DIR, METRICS_DIR, STAGE
+from tasks.stages import CHECKPOINTS_DIR, METRICS_DIR, STAGE, project_root
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+SQLITE = "sqlite:///"
+DEFAULT_TRACKING_URI = f"{SQLITE}mlflow.db"
 END_REASON = "rlhf.end_reason"  # why a run ended KILLED
 SYSTEM_METRICS_PREFIX = "system/"  # MLflow's system metrics monitor logs under it
 FLOW_RUN_TAG = "rlhf.prefect_flow_run_id"
@@ -59,8 +62,32 @@ _SECRET = re.compile(
 
 
 def tracking_uri(cfg: TrackingConfig) -> str:
-    """params → $MLFLOW_TRACKING_URI → a SQLite file in the working directory."""
-    return cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    """params → $MLFLOW_TRACKING_URI → `mlflow.db` of the project. A relative SQLite path is
+    the project's (`project_root`), not the working directory's: an experiment's copy under
+    `.dvc/tmp/exps/` would take its runs along when DVC deletes it."""
+    uri = cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    path = uri.removeprefix(SQLITE)
+    if uri.startswith(SQLITE) and not path.startswith("/"):
+        return f"{SQLITE}{project_root().resolve() / path}"
+    return uri
+
+
+def _experiment(uri: str, name: str) -> Experiment:
+    """The stage's experiment, created if new. A SQLite store is opened under a file lock: the
+    stages of a sweep (`dvc queue start -j N`) start together, and MLflow creates the tables
+    of a new database and the experiment without one (`table ... already exists`). Its
+    artifacts go to the project's `mlruns/`, not the working directory's (MLflow's default)."""
+    local = uri.startswith(SQLITE)
+    with (
+        open(f"{uri.removeprefix(SQLITE)}.lock", "a") if local else contextlib.nullcontext() as lock
+    ):
+        if lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released with the file
+        client = mlflow.MlflowClient()  # opens the store: creates or upgrades the database
+        if not client.get_experiment_by_name(name):
+            artifacts = str(project_root().resolve() / "mlruns") if local else None
+            client.create_experiment(name, artifact_location=artifacts)
+    return mlflow.set_experiment(name)
 
 
 def is_main_process() -> bool:
@@ -78,8 +105,8 @@ def stage_run(stage: str, params: Params) -> Iterator[mlflow.ActiveRun | None]:
         if not is_main_process():
             yield None
             return
-        mlflow.set_tracking_uri(tracking_uri(params.tracking))
-        experiment = mlflow.set_experiment(params.tracking.experiment)
+        mlflow.set_tracking_uri(uri := tracking_uri(params.tracking))
+        experiment = _experiment(uri, params.tracking.experiment)
         client = mlflow.MlflowClient()
         if experiment.tags.get(EXPERIMENT_KIND) != TRAINING:  # the UI opens on the runs table
             client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND, TRAINING)
@@ -324,6 +351,9 @@ def run_tags(stage: str, params: Params) -> dict[str, str]:
         "mlflow.source.git.commit": _git("rev-parse", "HEAD") or "unknown",
         "rlhf.git_dirty": str(bool(_git("status", "--porcelain", "--untracked-files=no"))),
     }
+    # A DVC experiment (`dvc exp run`, queued or not) names itself and its baseline commit.
+    dvc_exp = {"rlhf.dvc_exp": "DVC_EXP_NAME", "rlhf.baseline": "DVC_EXP_BASELINE_REV"}
+    tags |= {tag: os.environ[name] for tag, name in dvc_exp.items() if os.environ.get(name)}
     for name in LIBRARIES:
         with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             tags[f"version.{name}"] = importlib.metadata.version(name)

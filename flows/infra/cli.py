@@ -217,7 +217,8 @@ def stage_flow(name: str) -> Callable:
 def run_stage(args: argparse.Namespace) -> int:
     from flows.infra import warm
     from flows.infra.deployment import placement, run_on_worker
-    from flows.infra.prefect_server import STATE_DIR, shared_prefect
+    from flows.infra.prefect_server import shared_prefect
+    from tasks.stages import state_dir
 
     # What can be checked without torch or Prefect fails here, in a second.
     signal.signal(signal.SIGTERM, _terminate)  # a warm start forwards it to its fork
@@ -231,13 +232,13 @@ def run_stage(args: argparse.Namespace) -> int:
         run_on_worker(args.name, params, pool)
         print(f"rlhf: {args.name} done on the worker in {time.perf_counter() - start:.1f}s")
         return 0
-    warm.prestart(STATE_DIR)  # imports while the Prefect server starts, for this stage or the next
+    warm.prestart(state_dir())  # imports while the Prefect server starts, for this or the next
     with shared_prefect():  # before Prefect loads its settings
         if "prefect" in sys.modules:  # imported early (a caller in-process): load them again
             import prefect.context
 
             prefect.context.refresh_global_settings_context()
-        if (code := warm.delegate(["rlhf", *args.argv], STATE_DIR)) is not None:
+        if (code := warm.delegate(["rlhf", *args.argv], state_dir())) is not None:
             return code  # the warm fork ran all of this command, cheap checks included
         # Not on the worker path: it imports TRL, seconds spent only to send the run away.
         check_trainers(params, args.params, stages=(args.name,))

@@ -30,7 +30,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
-STATE_DIR = Path(".rlhf")
+from tasks.stages import state_dir as project_state_dir
+
 URL_FILE = "prefect-server.url"  # the shared server's API URL, written once it answers
 PID_FILE = "prefect-server.pid"  # the keeper's pid (its session's id)
 LOCK_FILE = "prefect-server.lock"  # held while a stage looks for the server or starts it
@@ -40,13 +41,15 @@ START_S = 90.0  # a cold start (new database, migrations) takes ~20 s on a busy 
 
 
 @contextlib.contextmanager
-def shared_prefect(state_dir: Path = STATE_DIR) -> Iterator[str]:
+def shared_prefect(state_dir: Path | None = None) -> Iterator[str]:
     """For the block: the Prefect API URL this stage uses (see the module docstring), set with
     ephemeral mode off in `os.environ` (read by Prefect when it loads). The block counts as a
-    use of the shared server, which stays up until it ends."""
+    use of the shared server, which stays up until it ends. `state_dir`: the project's `.rlhf/`
+    unless given."""
     if url := os.environ.get("PREFECT_API_URL"):
         yield url
         return
+    state_dir = state_dir or project_state_dir()
     state_dir.mkdir(exist_ok=True)
     with _locked(state_dir / USERS_FILE, fcntl.LOCK_SH):  # before the URL: see keep()
         url = _answering(state_dir / "prefect.url")  # `rlhf up`'s
@@ -132,7 +135,7 @@ def _in_use(users: Path) -> bool:
 def keep(state_dir: Path, idle_s: float) -> int:
     """The keeper: run `prefect server start` on a free port, publish its URL once it answers,
     stop it after `idle_s` seconds without a user (or when the server exits)."""
-    from flows.infra.services import exit_on_sigterm, free_port, stop_process_tree, ui_api
+    from flows.infra.services import exit_on_sigterm, free_port, server_env, stop_process_tree
 
     exit_on_sigterm()  # `rlhf down`: clean up, then stop
     port = free_port()
@@ -141,7 +144,7 @@ def keep(state_dir: Path, idle_s: float) -> int:
     server = subprocess.Popen(
         [prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
         start_new_session=True,
-        env=os.environ | ui_api(url),
+        env=os.environ | server_env(url, state_dir / "prefect-server.db"),
     )
     (state_dir / PID_FILE).write_text(str(os.getpid()))
     try:

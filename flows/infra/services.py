@@ -16,15 +16,18 @@ import psutil
 
 from flows.infra.deployment import BIN
 from tasks.errors import UserError
+from tasks.stages import project_root, state_dir
 
-STATE_DIR = Path(".rlhf")
+# Prefect's setting for its server's database, under both its names (3.x and the older alias).
+DATABASE_ENV = ("PREFECT_SERVER_DATABASE_CONNECTION_URL", "PREFECT_API_DATABASE_CONNECTION_URL")
 
 
 def up(prefect_port: int, mlflow_port: int, worker_pool: str | None) -> None:
     """Start the services (those already running are left alone) and wait until they answer."""
-    STATE_DIR.mkdir(exist_ok=True)
+    state = state_dir()
+    state.mkdir(exist_ok=True)
     for name, port in (("prefect", prefect_port), ("mlflow", mlflow_port)):
-        ours = _running_pid(STATE_DIR / f"{name}.pid")
+        ours = _running_pid(state / f"{name}.pid")
         if not ours and listening(port):  # another program's: it would answer
             raise UserError(
                 f"port {port} of 127.0.0.1 is in use: choose another with --{name}-port"
@@ -42,7 +45,7 @@ def up(prefect_port: int, mlflow_port: int, worker_pool: str | None) -> None:
             "--port",
             str(prefect_port),
         ],
-        quiet | ui_api(prefect_api),
+        quiet | server_env(prefect_api, state / "prefect.db"),
     )
     mlflow = _start(
         "mlflow",
@@ -50,9 +53,9 @@ def up(prefect_port: int, mlflow_port: int, worker_pool: str | None) -> None:
             str(BIN / "mlflow"),
             "server",
             "--backend-store-uri",
-            "sqlite:///mlflow.db",
+            f"sqlite:///{project_root().resolve() / 'mlflow.db'}",
             "--artifacts-destination",
-            str(Path("mlartifacts").resolve()),
+            str(project_root().resolve() / "mlartifacts"),
             "--host",
             "127.0.0.1",
             "--port",
@@ -64,7 +67,7 @@ def up(prefect_port: int, mlflow_port: int, worker_pool: str | None) -> None:
     )
     _wait(f"{prefect_api}/health", "prefect", prefect)
     # stages use it (flows/infra/prefect_server.py)
-    (STATE_DIR / "prefect.url").write_text(prefect_api)
+    (state / "prefect.url").write_text(prefect_api)
     _wait(f"http://127.0.0.1:{mlflow_port}/health", "mlflow", mlflow)
     if worker_pool:
         # Poll for work every second (default 10 s): a stage should start promptly. The stages
@@ -82,13 +85,13 @@ def up(prefect_port: int, mlflow_port: int, worker_pool: str | None) -> None:
         "Use them from this shell:\n"
         f"  export PREFECT_API_URL={prefect_api}\n"
         f"  export MLFLOW_TRACKING_URI=http://127.0.0.1:{mlflow_port}\n"
-        f"Logs in {STATE_DIR}/*.log; stop with `rlhf down`."
+        f"Logs in {state_dir()}/*.log; stop with `rlhf down`."
     )
 
 
 def down(seconds: float = 15.0) -> None:
     """`rlhf down`: stop what `rlhf up` and the stages started (`stop_recorded`)."""
-    stopped = stop_recorded(STATE_DIR, seconds)
+    stopped = stop_recorded(state_dir(), seconds)
     print(f"rlhf: stopped {', '.join(stopped)}" if stopped else "rlhf: nothing was running")
 
 
@@ -180,14 +183,14 @@ def listening(port: int) -> bool:
 def _start(name: str, command: list[str], env: dict[str, str]) -> subprocess.Popen | None:
     """Start `command` in a new session (its pid is the process group's id), its output in
     .rlhf/<name>.log; None if `rlhf up` started it before and it still runs."""
-    if pid := _running_pid(STATE_DIR / f"{name}.pid"):
+    if pid := _running_pid(state_dir() / f"{name}.pid"):
         print(f"rlhf: {name} already running (pid {pid})")
         return None
-    log = (STATE_DIR / f"{name}.log").open("ab")
+    log = (state_dir() / f"{name}.log").open("ab")
     process = subprocess.Popen(
         command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
     )
-    (STATE_DIR / f"{name}.pid").write_text(str(process.pid))
+    (state_dir() / f"{name}.pid").write_text(str(process.pid))
     return process
 
 
@@ -211,7 +214,7 @@ def _wait(url: str, name: str, process: subprocess.Popen | None, seconds: float 
         if process is not None and process.poll() is not None:
             raise UserError(
                 f"{name} exited (code {process.returncode}) before answering on {url}: "
-                f"see {STATE_DIR}/{name}.log"
+                f"see {state_dir()}/{name}.log"
             )
         try:
             with urllib.request.urlopen(url, timeout=2):
@@ -219,11 +222,17 @@ def _wait(url: str, name: str, process: subprocess.Popen | None, seconds: float 
         except OSError:
             time.sleep(0.5)
     raise UserError(
-        f"{name} did not answer on {url} within {seconds:g} s (see {STATE_DIR}/{name}.log)"
+        f"{name} did not answer on {url} within {seconds:g} s (see {state_dir()}/{name}.log)"
     )
 
 
-def ui_api(url: str) -> dict[str, str]:
-    """The environment that makes a server's UI call its own API at `url`: by default the UI
-    calls $PREFECT_API_URL or port 4200, whatever `--port` the server was given."""
-    return {"PREFECT_API_URL": url, "PREFECT_UI_API_URL": url}
+def server_env(url: str, database: Path) -> dict[str, str]:
+    """The environment of a Prefect server of the project's: its UI calls its own API at `url`
+    (by default the UI calls $PREFECT_API_URL or port 4200, whatever `--port` the server was
+    given), and its runs go to `database` in `.rlhf/` (by default every server on the machine
+    opens `$PREFECT_HOME/prefect.db`, several servers on one SQLite file). A database URL of
+    the user's environment wins."""
+    env = {"PREFECT_API_URL": url, "PREFECT_UI_API_URL": url}
+    if not any(key in os.environ for key in DATABASE_ENV):
+        env[DATABASE_ENV[0]] = f"sqlite+aiosqlite:///{database.resolve()}"
+    return env

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import re
+import sqlite3
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -311,3 +313,66 @@ def test_code_edits_make_stale_only_the_stages_that_run_that_code(project: dict[
         finally:
             (repo / path).write_text(original)
     assert dvc_json(project, "status") == {}
+
+
+def test_queued_experiments_log_to_the_project(project: dict[str, Any]):
+    """`dvc exp run --queue` twice and `dvc queue start -j 2`, with the defaults a user has (no
+    MLFLOW_TRACKING_URI, no PREFECT_API_URL): each experiment runs in a copy under
+    `.dvc/tmp/exps/` that DVC deletes, yet every stage run lands in the project's `mlflow.db`
+    tagged with its experiment and baseline, its artifacts under the project's `mlruns/`, its
+    flow runs in the project's one shared Prefect server; nothing of theirs outlives the queue."""
+    import mlflow
+
+    repo = project["repo"]
+    _git(repo, "checkout", "--", "params.yaml")
+    dvc(project, "repro")
+    _git(repo, "add", "dvc.lock", "params.yaml")
+    _git(repo, "commit", "-qm", "baseline", "--allow-empty")
+    baseline = _git(repo, "rev-parse", "HEAD").strip()
+    stop_recorded(repo / ".rlhf")  # the earlier tests' warm process: the queue starts its own
+    user = {
+        k: v
+        for k, v in project["env"].items()
+        if k not in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL")
+    }
+    user |= {"RLHF_PREFECT_IDLE_S": "3", "RLHF_WARM_IDLE_S": "3"}
+    queue = {**project, "env": user}
+    for name, beta in (("beta-a", 0.15), ("beta-b", 0.3)):
+        dvc(queue, "exp", "run", "--queue", "-n", name, "-S", f"dpo.trainer.beta={beta}")
+    dvc(queue, "queue", "start", "-j", "2")
+    deadline = time.monotonic() + 900
+    while re.search(r"\b(Queued|Running)\b", status := dvc(queue, "queue", "status")):
+        assert time.monotonic() < deadline, status
+        time.sleep(2)
+    logs = "".join(dvc(queue, "queue", "logs", name) for name in ("beta-a", "beta-b"))
+    assert status.count("Success") == 2, status + logs
+    assert "database is locked" not in logs and "Traceback" not in logs, logs
+
+    store = repo / "mlflow.db"
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{store}")
+    experiment = client.get_experiment_by_name("rlhf")
+    assert Path(experiment.artifact_location.removeprefix("file://")) == repo / "mlruns"
+    runs = client.search_runs([experiment.experiment_id], "tags.`rlhf.dvc_exp` != ''")
+    rerun = {"dpo"} | {spec.name for spec in STAGES if "dpo" in upstream(spec.name)}
+    for name in ("beta-a", "beta-b"):
+        ours = [r for r in runs if r.data.tags["rlhf.dvc_exp"] == name]
+        stage_runs = [r for r in ours if "mlflow.parentRunId" not in r.data.tags]
+        assert sorted(r.info.run_name for r in stage_runs) == sorted(rerun), name
+        assert {r.info.status for r in ours} == {"FINISHED"}
+        assert {r.data.tags["rlhf.baseline"] for r in ours} == {baseline}
+        assert ".dvc/tmp/exps/" in stage_runs[0].data.tags["rlhf.workdir"]
+    # One shared Prefect server for both experiments, its database in the project's .rlhf/.
+    with sqlite3.connect(repo / ".rlhf" / "prefect-server.db") as db:
+        flow_runs = {
+            name
+            for (name,) in db.execute(
+                "select flow.name from flow_run join flow on flow.id = flow_run.flow_id"
+            )
+        }
+    assert rerun <= flow_runs
+    # nothing keeps running: the shared server and the warm process stop once idle
+    gone = time.monotonic() + 60
+    for pid_file in ("prefect-server.pid", "warm.pid"):
+        while (repo / ".rlhf" / pid_file).exists():
+            assert time.monotonic() < gone, f"{pid_file}: still running after the queue"
+            time.sleep(1)

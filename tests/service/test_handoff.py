@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import signal
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +20,7 @@ import pytest
 from ruamel.yaml import YAML
 
 from flows.infra.deployment import BIN
-from flows.infra.testing import Services
+from flows.infra.testing import Services, write_params
 from flows.infra.testing_handoff import Hosts, laptop_and_worker
 from flows.infra.transfer import stage_outputs
 
@@ -246,3 +248,54 @@ def test_an_experiment_reaches_the_worker_with_its_params(
     )
     assert run.data.params["dpo.trainer.beta"] == "0.25"
     assert run.data.tags["rlhf.workdir"] == str(hosts.checkout)
+
+
+def test_a_killed_repro_cancels_the_worker_run_and_the_rerun_resumes_there(
+    hosts: Hosts, repro: subprocess.CompletedProcess
+) -> None:
+    """SIGTERM to `dvc repro` once the worker's checkout holds a checkpoint of dpo: the
+    worker's flow run is cancelled (its stage stops, its MLflow run KILLED), the checkpoint
+    stays in the worker's checkout, and the next `dvc repro` resumes it there, in the same
+    MLflow run: every step once."""
+    import mlflow
+
+    assert repro.returncode == 0
+    slow = {"dpo.trainer.max_steps": 90, "dpo.trainer.save_steps": 30}
+    params = hosts.laptop / "params.yaml"
+    write_params(params, slow | {"dpo.trainer.logging_steps": 1}, base=params)
+    checkpoint = hosts.checkout / "checkpoints" / "dpo" / "checkpoint-30" / "trainer_state.json"
+    env = hosts.env | {"RLHF_ORCHESTRATION": "deployment"}
+    dvc = subprocess.Popen(
+        [str(BIN / "dvc"), "repro", "dpo"],
+        cwd=hosts.laptop,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    deadline = time.monotonic() + 300
+    while not checkpoint.exists():
+        assert dvc.poll() is None and time.monotonic() < deadline, dvc.communicate()[0]
+        time.sleep(0.2)
+    dvc.send_signal(signal.SIGTERM)
+    killed = dvc.communicate(timeout=120)[0]
+    assert dvc.returncode != 0, killed
+    newest = max(_flow_runs(hosts, "dpo"), key=lambda run: run.expected_start_time)
+    with hosts.client() as client:
+        while (state := client.read_flow_run(newest.id).state).type.value != "CANCELLED":
+            assert time.monotonic() < deadline + 120, f"the worker's run is {state.name}"
+            time.sleep(0.5)
+    client = mlflow.MlflowClient(tracking_uri=hosts.mlflow)
+    experiment = client.get_experiment_by_name("rlhf")
+    (run,) = client.search_runs(
+        [experiment.experiment_id], "attributes.run_name = 'dpo'", max_results=1
+    )
+    assert run.info.status == "KILLED" and checkpoint.exists()
+
+    done = hosts.run(str(BIN / "dvc"), "repro", "dpo", RLHF_ORCHESTRATION="deployment")
+    assert done.returncode == 0, done.stdout + done.stderr
+    resumed = client.get_run(run.info.run_id)
+    assert resumed.info.status == "FINISHED"
+    steps = [point.step for point in client.get_metric_history(run.info.run_id, "loss")]
+    assert sorted(steps) == list(range(1, 91))  # resumed at 30, not started over: each step once
+    subprocess.run(["git", "checkout", "--", "params.yaml"], cwd=hosts.laptop, check=True)
