@@ -39,7 +39,11 @@ log = logging.getLogger(__name__)
 def fsdp_plugin(accelerator: Any) -> Any | None:
     """accelerate's FSDP plugin of this launch (its config file or FSDP_* variables), or None:
     no FSDP config, or a single process (nothing to shard over)."""
-    from accelerate.utils import FullyShardedDataParallelPlugin, parse_flag_from_env
+    from accelerate.utils import (
+        FullyShardedDataParallelPlugin,
+        disable_fsdp_ram_efficient_loading,
+        parse_flag_from_env,
+    )
 
     if not parse_flag_from_env("ACCELERATE_USE_FSDP"):
         return None
@@ -52,6 +56,10 @@ def fsdp_plugin(accelerator: Any) -> Any | None:
             f"ppo: FSDP version {plugin.fsdp_version} (fsdp_version in the accelerate config, "
             "FSDP_VERSION under torchrun): PPO shards with FSDP2; set fsdp_version: 2"
         )
+    # With it on (accelerate launch's default), transformers would load only rank 0's weights
+    # and leave the other processes placeholders for accelerate's prepare to broadcast into;
+    # PPO shards each model itself, as soon as every process has loaded it whole.
+    disable_fsdp_ram_efficient_loading()
     return plugin
 
 
