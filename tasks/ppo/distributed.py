@@ -23,15 +23,12 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from tasks.errors import TrainingDiverged, UserError
 from tasks.models import load_causal_lm, lora_config
-
-if TYPE_CHECKING:
-    from tasks.ppo.run import PPORun
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +81,10 @@ def shard(model: Any, plugin: Any) -> Any:
     return model
 
 
-def mean_over_ranks(run: PPORun, stats: dict[str, float], iteration: int) -> dict[str, float]:
+# `run` below is a tasks.ppo.run.PPORun (not imported: run.py imports this module).
+
+
+def mean_over_ranks(run: Any, stats: dict[str, float], iteration: int) -> dict[str, float]:
     """Each process's statistics of its own rollouts → their mean over processes, the same on
     every one: what is logged, summarised and steered by. One process: unchanged."""
     accelerator = run.accelerator
@@ -103,7 +103,7 @@ def mean_over_ranks(run: PPORun, stats: dict[str, float], iteration: int) -> dic
     return dict(zip(keys, accelerator.reduce(local, "mean").tolist(), strict=True))
 
 
-def unsharded_policy(run: PPORun) -> Any | None:
+def unsharded_policy(run: Any) -> Any | None:
     """The trained actor as one ordinary module on rank 0 (None on the others), to be saved.
     DDP: rank 0's replica. FSDP (every process must call it): the shards gathered into a full
     state dict in rank 0's CPU memory, loaded into a model of models/sft's architecture (with
@@ -126,7 +126,7 @@ def unsharded_policy(run: PPORun) -> Any | None:
     return policy
 
 
-def check_replicas(run: PPORun, policy: Any | None) -> None:
+def check_replicas(run: Any, policy: Any | None) -> None:
     """What rank 0 is about to save must be what every process trained. DDP: each holds a
     replica, and all must be bit-identical (DDP averages the gradients, so the copies move
     together; a difference would make models/ppo/ rank 0's alone). FSDP: there are no replicas;
