@@ -59,33 +59,34 @@ def measure(params_file: Path) -> dict[str, float]:
     from tasks.params import load_params
 
     train.rollout, train.update = train.rollout.fn, train.update.fn  # no Prefect around them
-    held: dict[str, float] = {}
-    check_replicas = train.check_replicas
+    runs = []
+    setup = train.setup
 
-    def after_training(run: Any, policy: Any) -> None:  # every rank, after its last update
-        held.update(model_bytes(run))
-        check_replicas(run, policy)
+    def kept(params: Any) -> Any:  # the run, to read its models and optimizers at the end
+        runs.append(setup(params))
+        return runs[-1]
 
-    train.check_replicas = after_training
+    train.setup = kept
     params = load_params(params_file)
     main = int(os.environ.get("RANK", "0")) == 0
     with mlflow.start_run() if main else contextlib.nullcontext():
         train.train_ppo(params)
-    return held | {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return model_bytes(runs[0]) | {"peak_rss_mb": peak}
 
 
 def model_bytes(run: Any) -> dict[str, float]:
     """MB this process holds in its models' parameters and its optimizers' state."""
+    import torch
     from torch.distributed.tensor import DTensor
-
-    from tasks.ppo.run import AdapterDisabled
 
     def local(tensor: Any) -> Any:
         return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
     models = [run.accelerator.unwrap_model(m) for m in (run.actor, run.critic)]
+    # a frozen model is a module of its own, or (LoRA) a trained one with its adapter disabled
     models += [
-        m.model if isinstance(m, AdapterDisabled) else m for m in (run.reference, run.reward)
+        m if isinstance(m, torch.nn.Module) else m.model for m in (run.reference, run.reward)
     ]
     tensors = {id(p): local(p) for model in models for p in model.parameters()}
     storage = {t.data_ptr(): t.numel() * t.element_size() for t in tensors.values()}
