@@ -78,7 +78,9 @@ class PPOConfig(Section):
     sample_every: int = Field(ge=1)
     """Iterations between sample-generation tables logged to MLflow."""
     lora: LoraConfig | None = None
-    """LoRA for actor and critic; null for full fine-tuning."""
+    """LoRA for actor and critic; the reference and the reward model are then their bases with
+    the adapters disabled (two base models in memory instead of four); null for full
+    fine-tuning."""
 
     @model_validator(mode="after")
     def _batches_fit(self) -> PPOConfig:

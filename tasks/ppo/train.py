@@ -15,6 +15,7 @@ import random
 import resource
 import shutil
 import time
+from typing import Any
 
 import mlflow
 import torch
@@ -29,6 +30,7 @@ from tasks.io import atomic_dir, write_json
 from tasks.models import device, dtype, load_tokenizer
 from tasks.params import Params
 from tasks.ppo.checkpoint import STATE_FILE, save_checkpoint
+from tasks.ppo.distributed import check_replicas, mean_over_ranks, unsharded_policy
 from tasks.ppo.losses import (
     adaptive_kl_coef,
     explained_variance,
@@ -81,6 +83,8 @@ def rollout(run: PPORun, iteration: int) -> tuple[Experience, dict[str, float]]:
         top_p=cfg.top_p,
         top_k=cfg.top_k,
     )
+    if run.sharded:  # every process joins every layer's gather until all have finished
+        generation["synced_gpus"] = True
     with run.accelerator.autocast():
         experience = make_experience(
             actor=actor,
@@ -248,7 +252,7 @@ def train_ppo(params: Params) -> dict[str, float]:
         experience, stats = rollout(run, iteration)
         stats |= update(run, experience, iteration)
         stats["time/episodes_per_s"] = cfg.rollout_batch_size / (time.perf_counter() - began)
-        stats = _mean_over_ranks(run, stats, iteration)
+        stats = mean_over_ranks(run, stats, iteration)
         if cfg.adaptive_kl is not None:  # every process steers with the same (mean) KL
             run.kl_coef = adaptive_kl_coef(
                 run.kl_coef,
@@ -268,35 +272,17 @@ def train_ppo(params: Params) -> dict[str, float]:
                 "actor_scheduler": run.actor_scheduler.state_dict(),
                 "critic_scheduler": run.critic_scheduler.state_dict(),
             }
-            save_checkpoint(run.accelerator, run.state_dir, state)
+            save_checkpoint(run.accelerator, run.state_dir, state, run.shards)
     metrics = _summary(run.history) | {"train_runtime_s": time.perf_counter() - start}
-    _check_replicas(run)
+    policy = unsharded_policy(run)  # FSDP: gathered to rank 0, with every process
+    check_replicas(run, policy)
     if run.accelerator.is_main_process:
-        _save_policy(run)
+        _save_policy(run, policy)
         write_json(
             PLOTS_DIR / "ppo.json", [{"iteration": i} | row for i, row in enumerate(run.history)]
         )
         shutil.rmtree(run.checkpoints, ignore_errors=True)  # finished: nothing left to resume
     return metrics
-
-
-def _mean_over_ranks(run: PPORun, stats: dict[str, float], iteration: int) -> dict[str, float]:
-    """Each process's statistics of its own rollouts → their mean over processes, the same on
-    every one: what is logged, summarised and steered by. One process: unchanged."""
-    accelerator = run.accelerator
-    if accelerator.num_processes == 1:
-        return stats
-    log.info(
-        "ppo: iteration %d, rank %d of %d (its own rollouts): score %.6f  kl %.6f",
-        iteration + 1,
-        accelerator.process_index,
-        accelerator.num_processes,
-        stats["objective/scores"],
-        stats["objective/kl"],
-    )
-    keys = sorted(stats)
-    local = torch.tensor([stats[k] for k in keys], dtype=torch.float64, device=accelerator.device)
-    return dict(zip(keys, accelerator.reduce(local, "mean").tolist(), strict=True))
 
 
 def _report(run: PPORun, stats: dict[str, float], experience: Experience, began: float) -> None:
@@ -355,26 +341,9 @@ def _summary(history: list[dict[str, float]]) -> dict[str, float]:
     }
 
 
-def _check_replicas(run: PPORun) -> None:
-    """Several processes: every one must end with the same actor (DDP averages the gradients,
-    so the copies move together); a difference would make models/ppo/ rank 0's alone."""
-    accelerator = run.accelerator
-    if accelerator.num_processes == 1:
-        return
-    weights = accelerator.unwrap_model(run.actor).parameters()
-    checksum = torch.stack([p.detach().double().abs().sum() for p in weights]).sum()
-    checksums = accelerator.gather(checksum.reshape(1).to(accelerator.device)).tolist()
-    if len(set(checksums)) > 1:
-        raise TrainingDiverged(f"ppo: the actor differs between processes: checksums {checksums}")
-    if accelerator.is_main_process:
-        log.info("ppo: actor identical on %d processes (checksum %.12e)", len(checksums), checksum)
-
-
-def _save_policy(run: PPORun) -> None:
+def _save_policy(run: PPORun, policy: Any) -> None:
     """models/ppo/: the actor (LoRA merged) in the model dtype, with the SFT tokenizer."""
-    actor = run.accelerator.unwrap_model(run.actor)
-    if run.params.ppo.lora is not None:
-        actor = actor.merge_and_unload()
+    actor = policy.merge_and_unload() if run.params.ppo.lora is not None else policy
     dev = device(run.params.common.device)
     with atomic_dir(MODELS_DIR / "ppo") as out:
         actor.config.use_cache = True  # gradient checkpointing turned it off for training
