@@ -215,7 +215,7 @@ def stage_flow(name: str) -> Callable:
 
 
 def run_stage(args: argparse.Namespace) -> int:
-    from flows.infra import warm
+    from flows.infra import outage, warm
     from flows.infra.deployment import placement, run_on_worker
     from flows.infra.prefect_server import STATE_DIR, shared_prefect
 
@@ -232,7 +232,7 @@ def run_stage(args: argparse.Namespace) -> int:
         print(f"rlhf: {args.name} done on the worker in {time.perf_counter() - start:.1f}s")
         return 0
     warm.prestart(STATE_DIR)  # imports while the Prefect server starts, for this stage or the next
-    with shared_prefect():  # before Prefect loads its settings
+    with shared_prefect() as api:  # before Prefect loads its settings
         if "prefect" in sys.modules:  # imported early (a caller in-process): load them again
             import prefect.context
 
@@ -246,8 +246,9 @@ def run_stage(args: argparse.Namespace) -> int:
 
         from tasks.tracking import process_tag
 
-        with tags(process_tag()):  # the next start crashes it if this process dies
-            metrics = stage_flow(args.name)(params)
+        # The tag: the next start crashes the flow run if this process dies.
+        with tags(process_tag()), outage.watch(api):
+            metrics = outage.outcome(lambda: stage_flow(args.name)(params))
     summary = ", ".join(f"{key}={value:.4g}" for key, value in list(metrics.items())[:6])
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, once
         print(f"rlhf: {args.name} done in {time.perf_counter() - start:.1f}s: {summary}")
@@ -382,8 +383,10 @@ def flush() -> None:
         from prefect.events.worker import EventsWorker
         from prefect.logging.handlers import APILogWorker
 
-        APILogWorker.drain_all(timeout=10)
-        EventsWorker.drain_all(timeout=10)
+        from flows.infra.outage import drain_s
+
+        APILogWorker.drain_all(timeout=drain_s(10))
+        EventsWorker.drain_all(timeout=drain_s(10))
     sys.stdout.flush()
     sys.stderr.flush()
 
