@@ -25,6 +25,7 @@ import mlflow
 import psutil
 from prefect.exceptions import TerminationSignal
 
+from tasks import tracking_queue
 from tasks.catalog import log_datasets
 from tasks.config import TrackingConfig
 from tasks.errors import SIGNALLED, Terminated
@@ -90,6 +91,7 @@ def stage_run(stage: str, params: Params) -> Iterator[mlflow.ActiveRun | None]:
         system = params.tracking.system_metrics and STAGE[stage].kind in ("trl", "ppo")
         if system:
             mlflow.set_system_metrics_sampling_interval(params.tracking.system_metrics_interval_s)
+        tracking_queue.install(mlflow.get_tracking_uri(), stage)  # a server: never waited on
         with mlflow.start_run(
             run_id=resumed, run_name=stage, tags=tags, log_system_metrics=system
         ) as run:

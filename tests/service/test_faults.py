@@ -12,7 +12,6 @@ import signal
 import sqlite3
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow
@@ -20,33 +19,10 @@ import psutil
 import pytest
 
 from flows.infra.deployment import BIN
-from flows.infra.testing import clean_env, copy_repo, write_params
+from flows.infra.testing import write_params
+from tasks.params import load_params
 
 pytestmark = [pytest.mark.service, pytest.mark.slow]
-
-DPO = {  # slow enough to be killed between two checkpoints
-    "dpo.trainer.max_steps": 120,
-    "dpo.trainer.save_steps": 40,
-    "dpo.trainer.logging_steps": 1,
-}
-PPO = {"ppo.num_iterations": 12, "ppo.checkpoint_every": 3, "ppo.sample_every": 3}
-
-
-@pytest.fixture(scope="module")
-def repo(tmp_path_factory: pytest.TempPathFactory, prefect_server: str) -> Iterator[Path]:
-    """A copy where `dvc repro reward_model` ran (prepare, sft, reward_model)."""
-    root = tmp_path_factory.mktemp("faults")
-    repo = copy_repo(root / "repo", DPO | PPO)
-    env = clean_env(repo, root) | {"PREFECT_API_URL": prefect_server, "RLHF_WARM": "0"}
-    # DVC runs a stage through $SHELL, /bin/sh when unset (as in CI): dash stays between dvc
-    # and the stage, where bash would exec it. The harder of the two for a killed dvc.
-    env["SHELL"] = "/bin/sh"
-    repo.joinpath(".env-faults").write_text("\n".join(f"{k}={v}" for k, v in env.items()))
-    done = subprocess.run(
-        [str(BIN / "dvc"), "repro", "reward_model"], cwd=repo, env=env, capture_output=True
-    )
-    assert done.returncode == 0, done.stderr.decode()[-3000:]
-    yield repo
 
 
 def environment(repo: Path) -> dict[str, str]:
@@ -295,7 +271,7 @@ def test_ppo_under_torchrun_logs_the_mean_of_both_ranks_once(repo: Path):
     logged = {
         p.step: p.value for p in client.get_metric_history(run.info.run_id, "objective/scores")
     }
-    assert sorted(logged) == list(range(PPO["ppo.num_iterations"]))
+    assert sorted(logged) == list(range(load_params(repo / "params.yaml").ppo.num_iterations))
     assert own[1, 0] != own[1, 1]  # the ranks sampled different prompts
     for step, value in logged.items():
         mean = (own[step + 1, 0] + own[step + 1, 1]) / 2
