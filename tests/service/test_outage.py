@@ -33,12 +33,15 @@ KEY = {"ppo": "objective/kl", "dpo": "loss"}
 FIRST = {"ppo": 0, "dpo": 1}  # the first step each logs
 
 
-def setting(repo: Path, tmp_path: Path, **env: str) -> tuple[Path, dict[str, str]]:
-    """A params file (LONGER) and the environment of a stage with services of its own: the
-    shared Prefect server it starts (no PREFECT_API_URL), an MLflow store in `tmp_path`."""
+def setting(
+    repo: Path, tmp_path: Path, own_prefect: bool = False, **env: str
+) -> tuple[Path, dict[str, str]]:
+    """A params file (LONGER) and the environment of a stage: the session's Prefect server or
+    (`own_prefect`) the shared one it starts itself, an MLflow store in `tmp_path`."""
     lines = repo.joinpath(".env-faults").read_text().splitlines()
     base = dict(line.split("=", 1) for line in lines)
-    base.pop("PREFECT_API_URL")
+    if own_prefect:
+        base.pop("PREFECT_API_URL")
     base |= {
         "PREFECT_HOME": str(tmp_path / "prefect-home"),
         "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
@@ -99,7 +102,7 @@ def sqlite_step(db: Path, stage: str) -> int:
 
 @pytest.mark.parametrize("stage", ["ppo", "dpo"])
 def test_a_stage_outlives_its_prefect_server(repo: Path, tmp_path: Path, stage: str) -> None:
-    params, env = setting(repo, tmp_path)
+    params, env = setting(repo, tmp_path, own_prefect=True)
     state = repo / ".rlhf"
     try:
         process = start_stage(repo, stage, params, env)
@@ -148,8 +151,8 @@ def test_training_goes_on_while_mlflow_is_away_and_every_step_arrives(
     repo: Path, tmp_path: Path, processes: Services
 ) -> None:
     uri = start_mlflow_server(processes, tmp_path / "store", {})
-    server = processes.started[-1]
-    params, env = setting(repo, tmp_path, MLFLOW_TRACKING_URI=uri)
+    server, port = processes.started[-1], int(uri.rsplit(":", 1)[1])
+    params, env = setting(repo, tmp_path, MLFLOW_TRACKING_URI=uri, RLHF_TRACKING_WAIT_S="300")
     process = start_stage(repo, "dpo", params, env)
     wait_until(lambda: sqlite_step(tmp_path / "store" / "mlflow.db", "dpo") >= 3, process, "3")
     server.stop()
@@ -158,7 +161,7 @@ def test_training_goes_on_while_mlflow_is_away_and_every_step_arrives(
     wait_until(lambda: "unreachable since" in log.read_text(), process, "the outage seen")
     # Past MLflow's retries the stage trains on: steps pile up in the spool file.
     wait_until(lambda: max(spooled_steps(repo, "loss"), default=0) >= stopped_at + 5, process, "+5")
-    processes.start("mlflow-server-again", server.command, cwd=tmp_path / "store", env=server_env())
+    start_mlflow_server(processes, tmp_path / "store", {}, port=port)  # the same port, store
     output = finish(process)
     run, steps = logged(uri, "dpo")
     assert run.info.status == "FINISHED"
@@ -167,19 +170,11 @@ def test_training_goes_on_while_mlflow_is_away_and_every_step_arrives(
     assert not list((repo / ".rlhf" / "tracking").glob("dpo-*.jsonl"))  # all delivered
 
 
-def server_env() -> dict[str, str]:
-    import os
-
-    return {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")} | {
-        "MLFLOW_DISABLE_TELEMETRY": "true"
-    }
-
-
 def test_a_stage_that_ends_during_the_outage_leaves_a_file_to_replay(
     repo: Path, tmp_path: Path, processes: Services
 ) -> None:
     uri = start_mlflow_server(processes, tmp_path / "store", {})
-    server = processes.started[-1]
+    server, port = processes.started[-1], int(uri.rsplit(":", 1)[1])
     params, env = setting(repo, tmp_path, MLFLOW_TRACKING_URI=uri, RLHF_TRACKING_WAIT_S="2")
     process = start_stage(repo, "ppo", params, env)
     wait_until(lambda: sqlite_step(tmp_path / "store" / "mlflow.db", "ppo") >= 1, process, "1")
@@ -190,12 +185,7 @@ def test_a_stage_that_ends_during_the_outage_leaves_a_file_to_replay(
     assert found, output[-3000:]
     spool = repo / found[2]
     assert spool.is_file()
-    again = processes.start(
-        "mlflow-server-again", server.command, cwd=tmp_path / "store", env=server_env()
-    )
-    from flows.infra.testing import wait_http
-
-    wait_http(f"{uri}/health", again)
+    start_mlflow_server(processes, tmp_path / "store", {}, port=port)
     replayed = subprocess.run(
         [str(BIN / "rlhf"), "replay", str(spool)], cwd=repo, env=env, capture_output=True, text=True
     )
