@@ -8,7 +8,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import mlflow
 import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
@@ -19,6 +18,7 @@ from tasks.params import Params
 from tasks.scoring import stop_ids
 from tasks.stages import PREPARED_DIR
 from tasks.tracking import is_main_process
+from tasks.tracking_queue import log_table
 
 
 def load_policy(model: str | Path, params: Params) -> tuple[Any, Any]:
@@ -109,4 +109,4 @@ def log_samples(stage: str, params: Params, count: int = 8, max_new_tokens: int 
     responses = generate_texts(
         model, tokenizer, prompts, max_new_tokens=max_new_tokens, do_sample=False
     )
-    mlflow.log_table({"prompt": prompts, "response": responses}, f"{stage}_samples.json")
+    log_table({"prompt": prompts, "response": responses}, f"{stage}_samples.json")

@@ -26,6 +26,7 @@ from tasks.params import Params
 from tasks.scoring import reward_texts, score_stats, score_texts
 from tasks.stages import MODELS_DIR, STAGE
 from tasks.synthetic import ground_truth
+from tasks.tracking_queue import log_table
 from tasks.trainers import run_trainer
 
 RewardFunction = Callable[..., list[float]]
@@ -66,7 +67,6 @@ class Completions(TrainerCallback):
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if state.global_step % self.every or not state.is_world_process_zero or not self.rows:
             return
-        import mlflow
 
         table = {
             key: [v if isinstance(v, (str, float, int)) else json.dumps(v) for v in values]
@@ -74,7 +74,7 @@ class Completions(TrainerCallback):
         }
         table["step"] = [state.global_step] * len(table["prompt"])
         name = f"{self.stage}_completions/step_{state.global_step:05d}.json"
-        mlflow.log_table(table, name)
+        log_table(table, name)
 
 
 def reward_functions(stage: str, params: Params, table: Completions) -> list[RewardFunction]:

@@ -27,6 +27,7 @@ import psutil
 from mlflow.entities import Experiment
 from prefect.exceptions import TerminationSignal
 
+from tasks import tracking_queue
 from tasks.catalog import log_datasets
 from tasks.config import TrackingConfig
 from tasks.errors import SIGNALLED, Terminated
@@ -117,6 +118,7 @@ def stage_run(stage: str, params: Params) -> Iterator[mlflow.ActiveRun | None]:
         system = params.tracking.system_metrics and STAGE[stage].kind in ("trl", "ppo")
         if system:
             mlflow.set_system_metrics_sampling_interval(params.tracking.system_metrics_interval_s)
+        tracking_queue.install(mlflow.get_tracking_uri(), stage)  # a server: never waited on
         with mlflow.start_run(
             run_id=resumed, run_name=stage, tags=tags, log_system_metrics=system
         ) as run:
@@ -278,12 +280,11 @@ def process_tag() -> str:
 
 
 def crash_dead_flow_runs(stage: str) -> int:
-    """Mark Crashed the flow runs of `stage` a process of this machine left Running when it
-    died (`kill -9`, a killed torchrun rank): they would show Running for ever. How many."""
+    """Mark Crashed the flow runs (of any stage) a process of this machine left Running when
+    it died (`kill -9`, a killed torchrun rank) or could not end for want of a server: they
+    would show Running for ever. How many."""
     from prefect import get_client
     from prefect.client.schemas.filters import (
-        FlowFilter,
-        FlowFilterName,
         FlowRunFilter,
         FlowRunFilterState,
         FlowRunFilterStateType,
@@ -295,17 +296,14 @@ def crash_dead_flow_runs(stage: str) -> int:
     running = FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.RUNNING]))
     try:
         with get_client(sync_client=True) as client:
-            for run in client.read_flow_runs(
-                flow_filter=FlowFilter(name=FlowFilterName(any_=[stage])),
-                flow_run_filter=FlowRunFilter(state=running),
-            ):
+            for run in client.read_flow_runs(flow_run_filter=FlowRunFilter(state=running)):
                 tag = next((t for t in run.tags if t.startswith(mine)), None)
                 if tag is None:
                     continue
                 _, pid, created = tag.removeprefix(PROCESS_TAG).split("/")
                 if _alive(int(pid), int(created)):
                     continue
-                reason = f"its process {pid} died; marked by the next start of {stage}"
+                reason = f"its process {pid} is gone; marked by the start of {stage}"
                 client.set_flow_run_state(run.id, Crashed(message=reason), force=True)
                 crashed += 1
     except Exception as exc:  # no server reachable: MLflow's KILLED is the record that counts

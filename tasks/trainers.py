@@ -31,6 +31,7 @@ from tasks.params import Params, trl_config_class
 from tasks.scoring import REWARD_STATS, reward_texts, score_texts
 from tasks.stages import CHECKPOINTS_DIR, MODELS_DIR, PLOTS_DIR, PREPARED_DIR, STAGE, StageSpec
 from tasks.tracking import logged_until
+from tasks.tracking_queue import log_dict
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +88,7 @@ def build(
     )
     trainer.add_callback(_StopWhenSignalled())
     if trainer.is_world_process_zero():
-        mlflow.log_dict(args.to_dict(), f"{spec.name}_trl_config.json")
+        log_dict(args.to_dict(), f"{spec.name}_trl_config.json")
         if (until := logged_until(mlflow.active_run().info.run_id)) >= 0:  # a resumed run
             trainer.callback_handler.callbacks.insert(0, _SkipLogged(until))
     return trainer

@@ -43,6 +43,7 @@ INFRASTRUCTURE = {
     "tasks/ppo_config.py",
     "tasks/stages.py",
     "tasks/tracking.py",
+    "tasks/tracking_queue.py",
 }
 
 

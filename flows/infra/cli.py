@@ -27,6 +27,7 @@ EXAMPLES = """examples:
   rlhf up --worker gpu && rlhf deploy     local Prefect + MLflow servers, a worker, deployments
   RLHF_ORCHESTRATION=deployment dvc repro  every stage runs on the worker pool
   RLHF_ORCHESTRATION=deployment,prepare=local,evaluate=local dvc repro   training on the worker
+  rlhf replay .rlhf/tracking/ppo-20261203-142357-4242.jsonl   MLflow records kept in an outage
 """
 
 
@@ -127,6 +128,18 @@ def main(argv: list[str] | None = None) -> int:
         "down", help="stop what `rlhf up` started, and the stages' shared Prefect server"
     )
     down.set_defaults(run=lambda a: _services().down() or 0)
+    replay = commands.add_parser(
+        "replay",
+        help="deliver the MLflow records a stage kept while its tracking server was away",
+        description="Send a spool file a stage left (.rlhf/tracking/*.jsonl) to its MLflow "
+        "server, in order; what cannot be sent yet stays in the file.",
+        epilog="example:\n  rlhf replay .rlhf/tracking/dpo-20261203-142357-4242.jsonl\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    replay.add_argument("file", type=Path, help="the file the stage's warning names")
+    replay.set_defaults(
+        run=lambda a: importlib.import_module("tasks.tracking_queue").command(a.file)
+    )
     serve = commands.add_parser("warm-serve")  # flows/infra/warm.py starts it: no help, no user's
     serve.add_argument("state_dir", type=Path)
     serve.add_argument("key")
@@ -165,43 +178,6 @@ def _terminate(signum: int, _: Any) -> None:
     raise Terminated(signal.Signals(signum).name)
 
 
-def _end_with_launcher() -> None:
-    """Under `dvc repro`, `torchrun` or `accelerate launch`, a killed launcher takes the stage
-    with it: a thread waits on the launcher's pidfd and sends us SIGTERM when it exits, and the
-    stage stops as on any SIGTERM. Linux's PR_SET_PDEATHSIG would watch only the direct parent,
-    and DVC runs a stage through `$SHELL -c`: dash (`/bin/sh`, used when SHELL is unset) stays
-    between the two. torchrun starts its ranks in sessions of their own, so a `kill -9` of it
-    would otherwise leave them training. Not for other parents: `nohup rlhf stage ppo &` from a
-    shell outlives the shell on purpose."""
-    import select
-    import threading
-
-    import psutil
-
-    from tasks.lineage import dvc_process
-
-    if sys.platform != "linux":
-        return
-    try:
-        elastic = "TORCHELASTIC_RUN_ID" in os.environ  # a rank of torchrun / accelerate launch
-        if (launcher := psutil.Process(os.getppid()) if elastic else dvc_process()) is None:
-            return
-        pidfd: int | None = os.pidfd_open(launcher.pid)
-    except ProcessLookupError:
-        pidfd = None
-    except (psutil.Error, OSError):  # no such parent, or a kernel before 5.3
-        return
-    if pidfd is None or not launcher.is_running():  # it died (its pid reused) before we watched
-        os.kill(os.getpid(), signal.SIGTERM)
-        return
-
-    def watch() -> None:
-        select.select([pidfd], [], [])  # readable once the launcher has exited
-        os.kill(os.getpid(), signal.SIGTERM)
-
-    threading.Thread(target=watch, name="rlhf-launcher", daemon=True).start()
-
-
 def _kept(args: argparse.Namespace) -> str:
     """What a stopped command left: a stage keeps its checkpoints and no partial output."""
     if args.command != "stage" or STAGE[args.name].kind not in ("trl", "ppo"):
@@ -215,14 +191,15 @@ def stage_flow(name: str) -> Callable:
 
 
 def run_stage(args: argparse.Namespace) -> int:
-    from flows.infra import warm
+    from flows.infra import outage, warm
     from flows.infra.deployment import placement, run_on_worker
     from flows.infra.prefect_server import shared_prefect
+    from flows.infra.services import end_with_launcher
     from tasks.stages import state_dir
 
     # What can be checked without torch or Prefect fails here, in a second.
     signal.signal(signal.SIGTERM, _terminate)  # a warm start forwards it to its fork
-    _end_with_launcher()
+    end_with_launcher()
     params = load_params(args.params)
     _check_inputs(args.name, params)
     start = time.perf_counter()
@@ -233,7 +210,7 @@ def run_stage(args: argparse.Namespace) -> int:
         print(f"rlhf: {args.name} done on the worker in {time.perf_counter() - start:.1f}s")
         return 0
     warm.prestart(state_dir())  # imports while the Prefect server starts, for this or the next
-    with shared_prefect():  # before Prefect loads its settings
+    with shared_prefect() as api:  # before Prefect loads its settings
         if "prefect" in sys.modules:  # imported early (a caller in-process): load them again
             import prefect.context
 
@@ -247,8 +224,9 @@ def run_stage(args: argparse.Namespace) -> int:
 
         from tasks.tracking import process_tag
 
-        with tags(process_tag()):  # the next start crashes it if this process dies
-            metrics = stage_flow(args.name)(params)
+        # The tag: the next start crashes the flow run if this process dies.
+        with tags(process_tag()), outage.watch(api):
+            metrics = outage.outcome(lambda: stage_flow(args.name)(params))
     summary = ", ".join(f"{key}={value:.4g}" for key, value in list(metrics.items())[:6])
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, once
         print(f"rlhf: {args.name} done in {time.perf_counter() - start:.1f}s: {summary}")
@@ -383,8 +361,10 @@ def flush() -> None:
         from prefect.events.worker import EventsWorker
         from prefect.logging.handlers import APILogWorker
 
-        APILogWorker.drain_all(timeout=10)
-        EventsWorker.drain_all(timeout=10)
+        from flows.infra.outage import drain_s
+
+        APILogWorker.drain_all(timeout=drain_s(10))
+        EventsWorker.drain_all(timeout=drain_s(10))
     sys.stdout.flush()
     sys.stderr.flush()
 

@@ -43,7 +43,7 @@ from prefect import Flow, flow, task
 from prefect.cache_policies import NO_CACHE
 from ruamel.yaml import YAML
 
-from flows.infra import transfer
+from flows.infra import outage, transfer
 from tasks.errors import HandoffFailed
 from tasks.io import replace_dir
 from tasks.stages import STAGE
@@ -285,12 +285,13 @@ def stage(name: str) -> Callable[[Callable[..., dict[str, float]]], Flow]:
     def decorate(body: Callable[..., dict[str, float]]) -> Flow:
         @functools.wraps(body)
         def run(params: Any) -> dict[str, float]:
-            if (handoff := os.environ.get(HANDOFF_ENV)) is None:
-                return body(params)
-            receive_inputs(json.loads(handoff))
-            metrics = body(params)
-            send_outputs(name)
-            return metrics
+            with outage.untagged_tasks():
+                if (handoff := os.environ.get(HANDOFF_ENV)) is None:
+                    return outage.finished(body(params))
+                receive_inputs(json.loads(handoff))
+                metrics = body(params)
+                send_outputs(name)
+                return outage.finished(metrics)
 
         # Types resolved where the body was written: Prefect validates the parameters by them.
         run.__signature__ = inspect.signature(body, eval_str=True)  # type: ignore[attr-defined]

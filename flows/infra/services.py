@@ -236,3 +236,39 @@ def server_env(url: str, database: Path) -> dict[str, str]:
     if not any(key in os.environ for key in DATABASE_ENV):
         env[DATABASE_ENV[0]] = f"sqlite+aiosqlite:///{database.resolve()}"
     return env
+
+
+def end_with_launcher() -> None:
+    """Under `dvc repro`, `torchrun` or `accelerate launch`, a killed launcher takes the stage
+    with it: a thread waits on the launcher's pidfd and sends us SIGTERM when it exits, and the
+    stage stops as on any SIGTERM. Linux's PR_SET_PDEATHSIG would watch only the direct parent,
+    and DVC runs a stage through `$SHELL -c`: dash (`/bin/sh`, used when SHELL is unset) stays
+    between the two. torchrun starts its ranks in sessions of their own, so a `kill -9` of it
+    would otherwise leave them training. Not for other parents: `nohup rlhf stage ppo &` from a
+    shell outlives the shell on purpose."""
+    import select
+    import sys
+    import threading
+
+    from tasks.lineage import dvc_process
+
+    if sys.platform != "linux":
+        return
+    try:
+        elastic = "TORCHELASTIC_RUN_ID" in os.environ  # a rank of torchrun / accelerate launch
+        if (launcher := psutil.Process(os.getppid()) if elastic else dvc_process()) is None:
+            return
+        pidfd: int | None = os.pidfd_open(launcher.pid)
+    except ProcessLookupError:
+        pidfd = None
+    except (psutil.Error, OSError):  # no such parent, or a kernel before 5.3
+        return
+    if pidfd is None or not launcher.is_running():  # it died (its pid reused) before we watched
+        os.kill(os.getpid(), signal.SIGTERM)
+        return
+
+    def watch() -> None:
+        select.select([pidfd], [], [])  # readable once the launcher has exited
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="rlhf-launcher", daemon=True).start()

@@ -281,10 +281,13 @@ def start_prefect_server(started: Services, cwd: Path, env: dict[str, str]) -> s
     return api
 
 
-def start_mlflow_server(started: Services, store: Path, env: dict[str, str]) -> str:
-    """`mlflow server` on a free port of 127.0.0.1, its runs in `store`/mlflow.db and its
-    artifacts in `store`/artifacts (served through it); its tracking URI once healthy."""
-    port = free_port()
+def start_mlflow_server(
+    started: Services, store: Path, env: dict[str, str], port: int | None = None
+) -> str:
+    """`mlflow server` on `port` (default: a free one) of 127.0.0.1, its runs in
+    `store`/mlflow.db and its artifacts in `store`/artifacts (served through it), without its
+    job runner (GenAI jobs: seven busy processes); its tracking URI once healthy."""
+    port = port or free_port()
     store.mkdir(parents=True, exist_ok=True)
     server = started.start(
         "mlflow-server",
@@ -304,7 +307,7 @@ def start_mlflow_server(started: Services, store: Path, env: dict[str, str]) -> 
         ],
         cwd=store,
         env={k: v for k, v in env.items() if not k.startswith("MLFLOW_")}
-        | {"MLFLOW_DISABLE_TELEMETRY": "true"},
+        | {"MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
     )
     uri = f"http://127.0.0.1:{port}"
     wait_http(f"{uri}/health", server)

@@ -43,6 +43,7 @@ from tasks.ppo.rollout import Experience, make_experience
 from tasks.ppo.run import PPORun, setup
 from tasks.scoring import response_logits
 from tasks.stages import MODELS_DIR, PLOTS_DIR
+from tasks.tracking_queue import log_table
 
 log = logging.getLogger(__name__)
 
@@ -310,7 +311,7 @@ def _log_rollout_samples(run: PPORun, experience: Experience, iteration: int) ->
     count = min(8, experience.mask.shape[0])
     P = experience.prompt_length
     decode = run.tokenizer.batch_decode
-    mlflow.log_table(
+    log_table(
         {
             "iteration": [iteration] * count,
             "prompt": decode(experience.sequences[:count, :P], skip_special_tokens=True),

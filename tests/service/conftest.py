@@ -3,12 +3,14 @@ last lines of the logs of the processes its module started (flows/infra/testing.
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from flows.infra.testing import Services, services
+from flows.infra.deployment import BIN
+from flows.infra.testing import Services, clean_env, copy_repo, services
 
 _STARTED: dict[str, list[Services]] = {}  # module node id → what its fixtures and tests started
 
@@ -40,3 +42,29 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Itera
     if report.failed:
         for started in _STARTED.get(_module_id(item.nodeid), []):
             report.sections.append((f"logs in {started.log_dir}", started.logs()))
+
+
+DPO = {  # slow enough to be killed between two checkpoints
+    "dpo.trainer.max_steps": 120,
+    "dpo.trainer.save_steps": 40,
+    "dpo.trainer.logging_steps": 1,
+}
+PPO = {"ppo.num_iterations": 12, "ppo.checkpoint_every": 3, "ppo.sample_every": 3}
+
+
+@pytest.fixture(scope="session")
+def repo(tmp_path_factory: pytest.TempPathFactory, prefect_server: str) -> Iterator[Path]:
+    """A copy where `dvc repro reward_model` ran (prepare, sft, reward_model), for the session:
+    test_faults.py and test_outage.py train their stages from it."""
+    root = tmp_path_factory.mktemp("faults")
+    repo = copy_repo(root / "repo", DPO | PPO)
+    env = clean_env(repo, root) | {"PREFECT_API_URL": prefect_server, "RLHF_WARM": "0"}
+    # DVC runs a stage through $SHELL, /bin/sh when unset (as in CI): dash stays between dvc
+    # and the stage, where bash would exec it. The harder of the two for a killed dvc.
+    env["SHELL"] = "/bin/sh"
+    repo.joinpath(".env-faults").write_text("\n".join(f"{k}={v}" for k, v in env.items()))
+    done = subprocess.run(
+        [str(BIN / "dvc"), "repro", "reward_model"], cwd=repo, env=env, capture_output=True
+    )
+    assert done.returncode == 0, done.stderr.decode()[-3000:]
+    yield repo

@@ -5,6 +5,7 @@ is lost (the rerun resumes, in the same MLflow run, with a whole curve), nothing
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -12,7 +13,6 @@ import signal
 import sqlite3
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow
@@ -20,33 +20,10 @@ import psutil
 import pytest
 
 from flows.infra.deployment import BIN
-from flows.infra.testing import clean_env, copy_repo, write_params
+from flows.infra.testing import write_params
+from tasks.params import load_params
 
 pytestmark = [pytest.mark.service, pytest.mark.slow]
-
-DPO = {  # slow enough to be killed between two checkpoints
-    "dpo.trainer.max_steps": 120,
-    "dpo.trainer.save_steps": 40,
-    "dpo.trainer.logging_steps": 1,
-}
-PPO = {"ppo.num_iterations": 12, "ppo.checkpoint_every": 3, "ppo.sample_every": 3}
-
-
-@pytest.fixture(scope="module")
-def repo(tmp_path_factory: pytest.TempPathFactory, prefect_server: str) -> Iterator[Path]:
-    """A copy where `dvc repro reward_model` ran (prepare, sft, reward_model)."""
-    root = tmp_path_factory.mktemp("faults")
-    repo = copy_repo(root / "repo", DPO | PPO)
-    env = clean_env(repo, root) | {"PREFECT_API_URL": prefect_server, "RLHF_WARM": "0"}
-    # DVC runs a stage through $SHELL, /bin/sh when unset (as in CI): dash stays between dvc
-    # and the stage, where bash would exec it. The harder of the two for a killed dvc.
-    env["SHELL"] = "/bin/sh"
-    repo.joinpath(".env-faults").write_text("\n".join(f"{k}={v}" for k, v in env.items()))
-    done = subprocess.run(
-        [str(BIN / "dvc"), "repro", "reward_model"], cwd=repo, env=env, capture_output=True
-    )
-    assert done.returncode == 0, done.stderr.decode()[-3000:]
-    yield repo
 
 
 def environment(repo: Path) -> dict[str, str]:
@@ -80,12 +57,14 @@ def wait_for(path: Path, process: subprocess.Popen[bytes], seconds: float = 300)
         time.sleep(0.1)
 
 
-def stage_process(stage: str) -> psutil.Process:
-    """The `rlhf stage <stage>` process `dvc repro` started."""
+def stage_process(stage: str, launcher: subprocess.Popen[bytes]) -> psutil.Process:
+    """The `rlhf stage <stage>` process `launcher` (a `dvc repro`) started: among its
+    descendants, not a machine-wide match (other suites may run the same stage)."""
     for _ in range(600):
-        for process in psutil.process_iter(["cmdline"]):
-            if process.info["cmdline"] and process.info["cmdline"][-2:] == ["stage", stage]:
-                return process
+        with contextlib.suppress(psutil.Error):
+            for process in psutil.Process(launcher.pid).children(recursive=True):
+                if process.cmdline()[-2:] == ["stage", stage]:
+                    return process
         time.sleep(0.1)
     raise AssertionError(f"no rlhf stage {stage}")
 
@@ -178,7 +157,7 @@ def test_kill_9_then_dvc_repro_resumes_in_the_same_run(
     repo: Path, stage: str, checkpoint: str, key: str, past: int, last: int
 ):
     repro = start(repo, str(BIN / "dvc"), "repro", stage)
-    victim = stage_process(stage)
+    victim = stage_process(stage, repro)
     wait_for(repo / checkpoint, repro)
     flow_run = running_tag(repo, stage)
     wait_for_step(repo, stage, key, past, repro)  # a few steps past the checkpoint
@@ -238,7 +217,7 @@ def test_sigterm_stops_keeps_the_checkpoint_and_a_damaged_one_is_discarded(repo:
 
 def test_a_killed_dvc_repro_takes_its_stage_with_it(repo: Path):
     repro = start(repo, str(BIN / "dvc"), "repro", "-f", "-s", "dpo")  # dpo alone, again
-    stage = stage_process("dpo")
+    stage = stage_process("dpo", repro)
     wait_for(repo / "checkpoints/dpo/checkpoint-40/trainer_state.json", repro)
     repro.kill()
     repro.wait(timeout=30)
@@ -295,7 +274,7 @@ def test_ppo_under_torchrun_logs_the_mean_of_both_ranks_once(repo: Path):
     logged = {
         p.step: p.value for p in client.get_metric_history(run.info.run_id, "objective/scores")
     }
-    assert sorted(logged) == list(range(PPO["ppo.num_iterations"]))
+    assert sorted(logged) == list(range(load_params(repo / "params.yaml").ppo.num_iterations))
     assert own[1, 0] != own[1, 1]  # the ranks sampled different prompts
     for step, value in logged.items():
         mean = (own[step + 1, 0] + own[step + 1, 1]) / 2

@@ -220,10 +220,10 @@ def test_a_sigterm_repeated_while_the_run_closes_still_leaves_it_killed(
 STAGE_STANDIN = """
 import os, signal, sys, threading, time
 from pathlib import Path
-from flows.infra.cli import _end_with_launcher
+from flows.infra.services import end_with_launcher
 out = Path(sys.argv[1])
 signal.signal(signal.SIGTERM, lambda *_: (out.with_suffix(".stopped").touch(), os._exit(0)))
-_end_with_launcher()
+end_with_launcher()
 out.write_text(" ".join(t.name for t in threading.enumerate()))
 time.sleep(120)
 """
@@ -239,7 +239,7 @@ def test_a_killed_dvc_takes_the_stage_with_it_through_the_shell_it_runs(
     """DVC runs a stage as `$SHELL -c cmd`; dash (`/bin/sh`, DVC's choice when SHELL is unset)
     stays between the two, bash execs the command. A `kill -9` of dvc must stop the stage in
     both cases; a stage under any other parent is left alone. The launcher is a script named
-    like its role (only its name is read); the stage is `_end_with_launcher`, then a sleep."""
+    like its role (only its name is read); the stage is `end_with_launcher`, then a sleep."""
     stage = [sys.executable, "-c", STAGE_STANDIN, str(tmp_path / "stage.threads")]
     command = [shell, "-c", subprocess.list2cmdline(stage)] if shell else stage
     script = tmp_path / launcher
