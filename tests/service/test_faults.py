@@ -5,6 +5,7 @@ is lost (the rerun resumes, in the same MLflow run, with a whole curve), nothing
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -80,14 +81,18 @@ def wait_for(path: Path, process: subprocess.Popen[bytes], seconds: float = 300)
         time.sleep(0.1)
 
 
-def stage_process(stage: str) -> psutil.Process:
-    """The `rlhf stage <stage>` process `dvc repro` started."""
+def stage_process(launcher: subprocess.Popen[bytes], stage: str) -> psutil.Process:
+    """The `rlhf stage <stage>` process among the descendants of `launcher` (this test's
+    `dvc repro`): never another checkout's stage of the same name."""
     for _ in range(600):
-        for process in psutil.process_iter(["cmdline"]):
-            if process.info["cmdline"] and process.info["cmdline"][-2:] == ["stage", stage]:
-                return process
+        with contextlib.suppress(psutil.Error):
+            for process in psutil.Process(launcher.pid).children(recursive=True):
+                with contextlib.suppress(psutil.Error):
+                    if process.cmdline()[-2:] == ["stage", stage]:
+                        return process
+        assert launcher.poll() is None, output_of(launcher)[-3000:]
         time.sleep(0.1)
-    raise AssertionError(f"no rlhf stage {stage}")
+    raise AssertionError(f"no rlhf stage {stage} under {launcher.args}")
 
 
 def runs(repo: Path, stage: str | None = None) -> list[mlflow.entities.Run]:
@@ -178,7 +183,7 @@ def test_kill_9_then_dvc_repro_resumes_in_the_same_run(
     repo: Path, stage: str, checkpoint: str, key: str, past: int, last: int
 ):
     repro = start(repo, str(BIN / "dvc"), "repro", stage)
-    victim = stage_process(stage)
+    victim = stage_process(repro, stage)
     wait_for(repo / checkpoint, repro)
     flow_run = running_tag(repo, stage)
     wait_for_step(repo, stage, key, past, repro)  # a few steps past the checkpoint
@@ -238,7 +243,7 @@ def test_sigterm_stops_keeps_the_checkpoint_and_a_damaged_one_is_discarded(repo:
 
 def test_a_killed_dvc_repro_takes_its_stage_with_it(repo: Path):
     repro = start(repo, str(BIN / "dvc"), "repro", "-f", "-s", "dpo")  # dpo alone, again
-    stage = stage_process("dpo")
+    stage = stage_process(repro, "dpo")
     wait_for(repo / "checkpoints/dpo/checkpoint-40/trainer_state.json", repro)
     repro.kill()
     repro.wait(timeout=30)
