@@ -3,14 +3,16 @@ tasks/stages.py), and reading a file into it — or one line naming file, line a
 
 `params.yaml:12: data.sourse: unknown key (did you mean 'source'?)`. The YAML is read with
 ruamel.yaml, as DVC reads it (PyYAML would read `1e-5` as a string), keeping line numbers.
-The `<stage>.trainer` sections are checked against their TRL config's fields and types
-(`check_trainers`, separate because it imports TRL: seconds).
+Every `<stage>.trainer` section is then checked against its TRL config as TRL's own scripts
+(`HfArgumentParser`) check it: field names, types, choices (`check_trainers`; it imports TRL,
+seconds once per process, so the CLI's first, torch-free look leaves it for later).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import enum
 import functools
 import importlib
 import re
@@ -116,44 +118,85 @@ def trl_config_class(stage: str) -> type:
         return getattr(importlib.import_module(module), name)
 
 
-def load_params(path: str | Path = "params.yaml") -> Params:
-    """Read and validate `path`; raise ParamsError naming file, line and key on any problem."""
+def load_params(path: str | Path = "params.yaml", *, trainers: bool = True) -> Params:
+    """Read and validate `path`: every section, and (`trainers`) every `<stage>.trainer`
+    against its TRL config (`check_trainers`). ParamsError names file, line and key."""
     path = Path(path)
     raw = _read(path)
     try:
-        return Params.model_validate(_plain(raw))
+        params = Params.model_validate(_plain(raw))
     except ValidationError as exc:
         # An unknown key usually is a misspelt known one: report it (with its suggestion) first.
         errors = sorted(exc.errors(), key=lambda error: error["type"] != "extra_forbidden")
         raise ParamsError(_describe(errors, raw, path)) from None
+    if trainers:
+        check_trainers(params, path)
+    return params
 
 
-def check_trainers(params: Params, path: str | Path, stages: tuple[str, ...] = TRL_STAGES) -> None:
-    """Every `<stage>.trainer` key of `stages` is a field of the stage's TRL config, with a
-    value of its type, and not one the pipeline sets itself."""
-    for stage in (name for name in stages if name in TRL_STAGES):
-        config_cls = trl_config_class(stage)
-        fields = {f.name for f in dataclasses.fields(config_cls) if f.init}
-        hints = typing.get_type_hints(config_cls)
+def check_trainers(params: Params, path: str | Path) -> None:
+    """Every `<stage>.trainer` key of every TRL stage is a field of the stage's TRL config, with
+    a value of its type and among its choices, and not one the pipeline sets itself.
+
+    What TRL declares is checked, as `HfArgumentParser` checks it; TRL's cross-field checks run
+    in the config's `__post_init__`, which also sets up accelerate's device state (a process
+    group under torchrun), so they stay where the stage builds its config (tasks/trainers.py)."""
+    for stage in TRL_STAGES:
+        config_cls, fields = trl_config_class(stage), _trainer_fields(stage)
         for key, value in getattr(params, stage).trainer.items():
             dotted = f"{stage}.trainer.{key}"
             if key in RESERVED_TRAINER_KEYS:
-                raise ParamsError(
-                    f"{locate(path, dotted)}: {dotted}: set by the pipeline, remove it"
-                )
-            if key not in fields:
-                raise ParamsError(
-                    f"{locate(path, dotted)}: {dotted}: not a field of {config_cls.__name__}"
-                    + _suggest(key, sorted(fields))
-                )
-            try:
-                adapter = TypeAdapter(hints[key], config=ConfigDict(arbitrary_types_allowed=True))
-                adapter.validate_python(value, strict=False)
-            except ValidationError as exc:
-                raise ParamsError(
-                    f"{locate(path, dotted)}: {dotted}: {exc.errors()[0]['msg'].lower()}, got "
-                    f"{value!r} (type of {config_cls.__name__}.{key}: {hints[key]})"
-                ) from None
+                problem = "set by the pipeline, remove it"
+            elif key not in fields:
+                problem = f"not a field of {config_cls.__name__}" + _suggest(key, sorted(fields))
+            else:
+                problem = _field_problem(config_cls, key, value, *fields[key])
+            if problem:
+                raise ParamsError(f"{locate(path, dotted)}: {dotted}: {problem}")
+
+
+@functools.cache
+def _trainer_fields(stage: str) -> dict[str, tuple[Any, TypeAdapter, tuple[str, ...]]]:
+    """name → (type, its validator, allowed values or ()) of each field of the stage's TRL
+    config; the allowed values are HfArgumentParser's choices: the field's `choices` metadata,
+    or the values of the enum of an `Enum | str` field (the config converts it)."""
+    config_cls = trl_config_class(stage)
+    hints = typing.get_type_hints(config_cls)
+    found = {}
+    for field in (f for f in dataclasses.fields(config_cls) if f.init):
+        hint = hints[field.name]
+        enums = [t for t in typing.get_args(hint) if isinstance(t, enum.EnumMeta)]
+        choices = field.metadata.get("choices") or (
+            [member.value for member in enums[0]] if len(enums) == 1 else ()
+        )
+        adapter = TypeAdapter(hint, config=ConfigDict(arbitrary_types_allowed=True))
+        found[field.name] = (hint, adapter, tuple(str(choice) for choice in choices))
+    return found
+
+
+def _field_problem(
+    config_cls: type, key: str, value: Any, hint: Any, adapter: TypeAdapter, choices: tuple
+) -> str | None:
+    """What is wrong with `value` for the config's field `key`, or None."""
+    try:
+        adapter.validate_python(value, strict=False)
+    except ValidationError as exc:
+        return (
+            f"{exc.errors()[0]['msg'].lower()}, got {value!r} "
+            f"(type of {config_cls.__name__}.{key}: {hint})"
+        )
+    given = value if isinstance(value, list) else [value]
+    wrong = [v for v in given if choices and isinstance(v, str) and v not in choices]
+    if not wrong:
+        return None
+    close = difflib.get_close_matches(wrong[0], choices, n=1, cutoff=0.6)
+    if len(choices) > 8:  # transformers' optimizers, schedulers: the suggestion, not the list
+        allowed = f"one of the {len(choices)} values of {config_cls.__name__}.{key}"
+    else:
+        allowed = "one of " + ", ".join(repr(choice) for choice in choices)
+    return f"must be {allowed}, got {wrong[0]!r}" + (
+        f" (did you mean '{close[0]}'?)" if close else ""
+    )
 
 
 def locate(path: str | Path, dotted: str) -> str:

@@ -80,6 +80,35 @@ def _no_user_tracking_env() -> None:
     os.environ["RLHF_WARM"] = "0"
 
 
+@contextlib.contextmanager
+def adopting() -> Iterator[Any]:
+    """This process (a psutil.Process) as the reaper of the orphans of what the block starts
+    (Linux's PR_SET_CHILD_SUBREAPER): a daemon whose parent exits, like the shared Prefect
+    server's keeper once the stage that started it ends, stays among this process's
+    descendants. So `children(recursive=True)` holds all that the block started and nothing of
+    anyone else's. The adopted orphans that ended by then are reaped when the block ends."""
+    import ctypes
+
+    import psutil
+
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    if prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
+    me = psutil.Process()
+    own = {child.pid for child in me.children()}  # started before the block: not adopted
+    try:
+        yield me
+    finally:
+        prctl(_PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
+        for child in me.children():
+            with contextlib.suppress(psutil.Error, ChildProcessError):
+                if child.pid not in own and child.status() == psutil.STATUS_ZOMBIE:
+                    os.waitpid(child.pid, os.WNOHANG)
+
+
+_PR_SET_CHILD_SUBREAPER = 36  # <linux/prctl.h>
+
+
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     """`python -m flows.infra.cli ARGS` in `cwd` (what dvc runs) against the session's Prefect
     server."""

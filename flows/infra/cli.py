@@ -200,8 +200,12 @@ def run_stage(args: argparse.Namespace) -> int:
     # What can be checked without torch or Prefect fails here, in a second.
     signal.signal(signal.SIGTERM, _terminate)  # a warm start forwards it to its fork
     end_with_launcher()
-    params = load_params(args.params)
-    _check_inputs(args.name, params)
+    params = load_params(args.params, trainers=False)  # the TRL fields below: they import TRL
+    try:
+        _check_inputs(args.name, params)
+    except UserError:  # a mistake in the params file is reported first, wherever it is
+        check_trainers(params, args.params)
+        raise
     start = time.perf_counter()
     backend, pool = placement(args.name, params)
     if backend == "deployment":
@@ -217,8 +221,9 @@ def run_stage(args: argparse.Namespace) -> int:
             prefect.context.refresh_global_settings_context()
         if (code := warm.delegate(["rlhf", *args.argv], state_dir())) is not None:
             return code  # the warm fork ran all of this command, cheap checks included
-        # Not on the worker path: it imports TRL, seconds spent only to send the run away.
-        check_trainers(params, args.params, stages=(args.name,))
+        # Every stage's `trainer:`, before anything trains (a warm fork has TRL imported). Not
+        # on the worker path: it imports TRL, seconds spent only to send the run away.
+        check_trainers(params, args.params)
         _prefect_console(args.debug)
         from prefect import tags
 
@@ -239,7 +244,7 @@ def run_generate(args: argparse.Namespace) -> int:
     # No flow runs here: Prefect (imported with the generation code) has nothing to send.
     os.environ.setdefault("PREFECT_LOGGING_TO_API_ENABLED", "false")
 
-    params = load_params(args.params)
+    params = load_params(args.params, trainers=False)  # for the device: no TRL
     models = [MODELS_DIR / name for name in POLICIES] if args.compare else [args.model]
     models = [path for path in models if not args.compare or (path / "config.json").is_file()]
     if not models:

@@ -16,9 +16,17 @@ import pytest
 from flows.infra.cli import stage_flow
 from flows.infra.testing import SMALL
 from tasks.params import load_params
+from tasks.synthetic import ground_truth
 from tests.conftest import leftovers, mlflow_client, prepare_small, run_cli, stage_runs, tasks_log
 from tests.integration.test_ppo_stage import build_models
-from tests.integration.test_trl_stages import Interrupted, checkpoint_saves, steps
+from tests.integration.test_trl_stages import (
+    Interrupted,
+    artifact_json,
+    checkpoint_saves,
+    steps,
+    unchanged,
+    weights,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
@@ -50,19 +58,38 @@ def copy_inputs(src: Path, dst: Path, *extra: str) -> None:
         shutil.copytree(src / rel, dst / rel)
 
 
-def test_grpo_trains_on_the_ground_truth_alone(inputs: Path, workdir: Path, make_params):
-    """`rewards: {ground_truth: 1.0}` (RLVR): the only reward TRL logs is the task's scorer."""
+def test_grpo_trains_on_the_ground_truth_alone(
+    inputs: Path, workdir: Path, make_params, tmp_path: Path
+):
+    """`rewards: {ground_truth: 1.0}` (RLVR): the only reward TRL logs is the task's scorer —
+    each logged completion's reward is `ground_truth(prompt, completion)` and each step's logged
+    mean is theirs — and the policy's weights moved from SFT's."""
     copy_inputs(inputs, workdir)
-    params = load_params(make_params(overrides("grpo", **{"grpo.rewards": {"ground_truth": 1.0}})))
+    sft = weights(workdir / "models" / "sft")
+    rewards = {"grpo.rewards": {"ground_truth": 1.0}, "grpo.sample_every": 2}
+    params = load_params(make_params(overrides("grpo", **rewards)))
     metrics = stage_flow("grpo")(params)
     assert 0.0 <= metrics["eval_rewards/ground_truth"] <= 1.0
     assert "eval_rewards/reward_model" not in metrics
     (run,) = stage_runs(workdir, "grpo")
     assert steps(workdir, run, "rewards/ground_truth/mean") == [1, 2, 3, 4]
     assert not steps(workdir, run, "rewards/reward_model/mean")
-    history = mlflow_client(workdir).get_metric_history(run.info.run_id, "reward")
-    assert all(0.0 <= m.value <= 1.0 for m in history)  # the weighted sum of one 0–1 reward
-    assert (workdir / "models" / "grpo" / "model.safetensors").is_file()
+    client = mlflow_client(workdir)
+    logged = {
+        key: {m.step: m.value for m in client.get_metric_history(run.info.run_id, key)}
+        for key in ("rewards/ground_truth/mean", "reward")
+    }
+    for step in (2, 4):  # the steps with a completions table (sample_every)
+        table = artifact_json(workdir, run, f"grpo_completions/step_0000{step}.json", tmp_path)
+        assert table["columns"] == ["prompt", "completion", "ground_truth", "step"]
+        given = [row[2] for row in table["data"]]
+        assert given == [ground_truth(row[0], row[1])["score"] for row in table["data"]]
+        mean = sum(given) / len(given)
+        assert logged["rewards/ground_truth/mean"][step] == pytest.approx(mean, abs=1e-6)
+        assert logged["reward"][step] == pytest.approx(mean, abs=1e-6)  # its weight is 1
+        assert 0 < mean < 1  # the random SFT model hits a few sums: a signal to learn from
+    still = unchanged(sft, weights(workdir / "models" / "grpo"))
+    assert not still, f"GRPO did not move {still}"
 
 
 @pytest.mark.parametrize(

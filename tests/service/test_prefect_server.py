@@ -1,9 +1,11 @@
 """The stages' shared Prefect server (flows/infra/prefect_server.py), with real servers on
 127.0.0.1: one server for many stages, started once even by stages that start together, the user's
-PREFECT_API_URL first, an idle stop that leaves no process and no stale URL, `rlhf down`."""
+PREFECT_API_URL first, an idle stop that leaves no process and no stale URL, `rlhf down`. Servers
+are counted among this test process's own descendants (tests/conftest.py: adopting)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -16,6 +18,7 @@ import pytest
 from flows.infra.prefect_server import PID_FILE, URL_FILE, shared_prefect
 from flows.infra.services import alive, stop_process_tree
 from flows.infra.testing import REPO
+from tests.conftest import adopting
 
 pytestmark = [pytest.mark.service, pytest.mark.slow]
 
@@ -53,19 +56,24 @@ def stage(state: Path, hold: float) -> subprocess.Popen[str]:
     )
 
 
-def servers() -> list[psutil.Process]:
+def servers(me: psutil.Process) -> list[psutil.Process]:
+    """The Prefect servers among the descendants of this test process (`adopting`): the
+    session's, and those this test's stages started; never anyone else's."""
     found = []
-    for process in psutil.process_iter():
-        try:
+    for process in me.children(recursive=True):
+        with contextlib.suppress(psutil.Error):
             if "prefect" in " ".join(process.cmdline()[:2]) and "server" in process.cmdline():
                 found.append(process)
-        except psutil.Error:
-            continue
     return found
 
 
 def test_stages_started_together_share_one_server_that_stops_when_idle(state: Path):
-    before = {p.pid for p in servers()}
+    with adopting() as me:
+        one_server_then_none(state, me)
+
+
+def one_server_then_none(state: Path, me: psutil.Process) -> None:
+    before = {p.pid for p in servers(me)}
     first, second = stage(state, 4.0), stage(state, 4.0)
     urls = {first.stdout.readline().strip(), second.stdout.readline().strip()}
     assert len(urls) == 1, urls  # the lock: one started it, the other waited and took it
@@ -73,7 +81,9 @@ def test_stages_started_together_share_one_server_that_stops_when_idle(state: Pa
     assert url.startswith("http://127.0.0.1:") and url.endswith("/api")
     assert (state / URL_FILE).read_text() == url
     keeper = psutil.Process(int((state / PID_FILE).read_text()))
-    assert [p.pid for p in servers() if p.pid not in before]  # one prefect server runs
+    assert keeper in me.children(recursive=True)  # adopted: its stage may have ended
+    ours = [p for p in servers(me) if p.pid not in before]
+    assert len(ours) == 1, [p.cmdline() for p in ours]  # one prefect server runs
     started = [err for err in (first.communicate()[1], second.communicate()[1]) if err.strip()]
     assert len(started) == 1 and "started a shared Prefect server" in started[0], started
 
@@ -86,7 +96,8 @@ def test_stages_started_together_share_one_server_that_stops_when_idle(state: Pa
         time.sleep(0.5)
     assert not alive(keeper), "the keeper did not stop after RLHF_PREFECT_IDLE_S unused"
     assert not (state / URL_FILE).exists() and not (state / PID_FILE).exists()
-    assert {p.pid for p in servers()} <= before  # no server left
+    assert not [p for p in ours if alive(p)]  # no server left
+    assert {p.pid for p in servers(me) if alive(p)} <= before
 
 
 def test_a_user_url_wins_and_rlhf_down_stops_the_shared_server(

@@ -40,11 +40,11 @@ def environment(repo: Path) -> dict[str, str]:
     return json.loads((repo / "env.json").read_text())
 
 
-def run(repo: Path, stage: str) -> subprocess.CompletedProcess[str]:
+def run(repo: Path, stage: str, **env: str) -> subprocess.CompletedProcess[str]:
     done = subprocess.run(
         [str(BIN / "rlhf"), "stage", stage],
         cwd=repo,
-        env=environment(repo),
+        env=environment(repo) | env,
         capture_output=True,
         text=True,
         timeout=600,
@@ -68,7 +68,8 @@ def warm_ready(repo: Path, seconds: float = 180.0, other_than: int | None = None
 
 def forks(repo: Path, stage: str) -> list[int]:
     """Pids the warm process forked for `rlhf stage <stage>`, from its log."""
-    log = (repo / ".rlhf" / "warm.log").read_text()
+    log_file = repo / ".rlhf" / "warm.log"
+    log = log_file.read_text() if log_file.is_file() else ""
     return [
         int(line.split()[2].rstrip(":"))
         for line in log.splitlines()
@@ -77,7 +78,9 @@ def forks(repo: Path, stage: str) -> list[int]:
 
 
 def test_a_warm_stage_writes_what_a_cold_one_writes(repo: Path):
-    run(repo, "sft")  # cold: no warm process yet (prepare started it; it may still import)
+    before = forks(repo, "sft")
+    done = run(repo, "sft", RLHF_WARM="0")  # cold for sure: prepare's warm process may be ready
+    assert forks(repo, "sft") == before, done.stdout  # no fork ran it
     cold = (repo / "models" / "sft" / "model.safetensors").read_bytes()
     cold_metrics = json.loads((repo / "metrics" / "sft.json").read_text())
     warm_ready(repo)

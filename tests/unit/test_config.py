@@ -10,11 +10,13 @@ from typing import Any
 import pytest
 from pydantic import BaseModel, ValidationError
 from ruamel.yaml import YAML
+from transformers.trainer_utils import SchedulerType
 
 import flows.infra.cli
 from flows.infra.testing import DELETE
 from tasks.errors import ParamsError
-from tasks.params import Params, check_trainers, load_params
+from tasks.params import Params, load_params
+from tasks.stages import STAGES
 
 REPO = Path(__file__).resolve().parents[2]
 REPO_PARAMS = REPO / "params.yaml"
@@ -56,7 +58,7 @@ def text_line(path: Path, pattern: str) -> int:
 def load_error(path: Path) -> str:
     """The one line reading `path` gives: the schema, then the TRL check of `trainer:` keys."""
     with pytest.raises(ParamsError) as info:
-        check_trainers(load_params(path), path)
+        load_params(path)
     message = str(info.value)
     assert "\n" not in message, message
     return message
@@ -332,6 +334,24 @@ ERRORS = [
         "dpo.trainer.loss_type: input should be a valid list, got 'sigmoid' "
         "(type of DPOConfig.loss_type: list[str])",
     ),
+    (  # choices, as HfArgumentParser refuses them: an enum's values, a field's `choices`
+        {"dpo.trainer.eval_strategy": "epochs"},
+        "dpo.trainer.eval_strategy",
+        "dpo.trainer.eval_strategy: must be one of 'no', 'steps', 'epoch', got 'epochs' "
+        "(did you mean 'epoch'?)",
+    ),
+    (
+        {"sft.trainer.loss_type": "nl"},
+        "sft.trainer.loss_type",
+        "sft.trainer.loss_type: must be one of 'nll', 'dft', 'chunked_nll', got 'nl' "
+        "(did you mean 'nll'?)",
+    ),
+    (
+        {"rloo.trainer.lr_scheduler_type": "cosinee"},
+        "rloo.trainer.lr_scheduler_type",
+        f"rloo.trainer.lr_scheduler_type: must be one of the {len(SchedulerType)} values of "
+        "RLOOConfig.lr_scheduler_type, got 'cosinee' (did you mean 'cosine'?)",
+    ),
     (
         {"sft.trainer.output_dir": "elsewhere"},
         "sft.trainer.output_dir",
@@ -520,6 +540,42 @@ def test_cli_bad_params_is_one_line(make_params, capsys, overrides, expected) ->
     lines = err.splitlines()
     assert len(lines) == 1, err
     assert lines[0].startswith(f"rlhf: error: {bad}:{line}: {expected}"), lines[0]
+
+
+def _typo(spec: Any) -> tuple[str, dict[str, Any]]:
+    """A misspelt key in the stage's own section (a TRL config field for a TRL stage) →
+    (its dotted key, the overrides that write it)."""
+    if spec.kind == "trl":
+        key = f"{spec.name}.trainer.learning_rat"
+    else:
+        section = Params.model_fields[spec.own_section].annotation
+        key = f"{spec.own_section}.{next(iter(section.model_fields))}x"
+    return key, {key: 1}
+
+
+LORA_TYPO = {"r": 8, "alpah": 16, "dropout": 0.0, "target_modules": "all-linear"}
+TYPOS = [_typo(spec) for spec in STAGES] + [
+    ("grpo.rewards.reward_modle", {"grpo.rewards": {"reward_modle": 1.0}}),
+    ("dpo.lora.alpah", {"dpo.lora": LORA_TYPO}),
+]
+
+
+@pytest.mark.parametrize(("dotted", "overrides"), TYPOS, ids=[key for key, _ in TYPOS])
+def test_a_typo_in_any_stage_section_stops_prepare(
+    make_params, capsys, monkeypatch, prefect_server: str, dotted: str, overrides: dict
+) -> None:
+    """`rlhf stage prepare` (what `dvc repro` runs first) checks every stage's section, the
+    TRL `trainer:` fields, rewards and LoRA included: the mistake is one line naming file,
+    line and key before anything is prepared."""
+    bad = make_params(overrides, new_keys=True)
+    line = key_line(bad, dotted)
+    monkeypatch.setenv("PREFECT_API_URL", prefect_server)  # `rlhf stage` gets as far as Prefect
+    monkeypatch.chdir(bad.parent)
+    assert flows.infra.cli.main(["stage", "prepare", "--params", str(bad)]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and len(err.splitlines()) == 1, err
+    assert err.startswith(f"rlhf: error: {bad}:{line}: {dotted}: "), err
+    assert not (bad.parent / "data").exists()  # nothing prepared
 
 
 def test_cli_missing_params_file_is_one_line(tmp_path, capsys) -> None:

@@ -1,18 +1,23 @@
 """The example params files in docs/examples/ load with today's config and say what their docs say.
 
-Loading goes through `tasks.config.load_params`, so a renamed or new key in tasks/config.py, or a
-TRL config field that disappears, fails here instead of in a user's first run.
+Loading goes through `tasks.params.load_params`, every section and every `trainer:` against its
+TRL config, so a renamed or new key in tasks/config.py, or a TRL config field that disappears,
+fails here instead of in a user's first run.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 from ruamel.yaml import YAML
 
+from flows.infra.testing import write_params
+from tasks.errors import ParamsError
 from tasks.params import load_params
 from tasks.stages import STAGE, STAGES, TRL_STAGES
+from tests.unit.test_config import _leaves
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "docs" / "examples"
@@ -21,8 +26,21 @@ TRAINED = tuple(spec.name for spec in STAGES if spec.kind in ("trl", "ppo"))  # 
 
 
 @pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.yaml")), ids=lambda p: p.name)
-def test_example_loads(path: Path) -> None:
-    load_params(path)
+def test_example_loads_as_written(path: Path) -> None:
+    """Every value of the file is the loaded value: nothing is dropped or replaced."""
+    written = dict(_leaves(YAML(typ="safe").load(path.read_text(encoding="utf-8"))))
+    loaded = dict(_leaves(load_params(path).model_dump()))
+    assert {key: loaded.get(key, "<missing>") for key in written} == written
+
+
+@pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.yaml")), ids=lambda p: p.name)
+def test_a_misspelt_trainer_field_in_an_example_fails(path: Path, tmp_path: Path) -> None:
+    """The TRL check runs on the examples too (a `learning_rat` passed before)."""
+    for stage in TRL_STAGES:
+        bad = write_params(tmp_path / path.name, {f"{stage}.trainer.learning_rat": 1e-4}, base=path)
+        where = rf"^{re.escape(str(bad))}:\d+: {stage}\.trainer\.learning_rat: not a field of "
+        with pytest.raises(ParamsError, match=where):
+            load_params(bad)
 
 
 @pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.yaml")), ids=lambda p: p.name)

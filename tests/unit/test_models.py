@@ -124,28 +124,55 @@ def test_tokenizer_pad_fallback_and_padding_side(tiny_dir: Path, tmp_path: Path)
     assert load_tokenizer(tiny_dir, model_config()).pad_token == "<pad>"
 
 
-def test_base_model_revision_reaches_the_loader(
-    tiny_dir: Path, tmp_path: Path, monkeypatch
-) -> None:
-    """The revision recorded for the base model is what every from_pretrained is given."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def hub_cache(tiny_dir: Path, cache: Path) -> dict[str | None, Any]:
+    """A Hugging Face hub cache (refs/<name> → commit, snapshots/<commit>/) holding `test/tiny`
+    at two revisions: `main`, the tiny model, and `v1`, other weights and another
+    model_max_length. → {revision: the weights of that revision}; None is the default (main)."""
+    from transformers import AutoModelForCausalLM
 
+    repo = cache / "models--test--tiny"
+    weights: dict[str | None, Any] = {}
+    for name, commit, shift in (("main", "a" * 40, 0.0), ("v1", "b" * 40, 1.0)):
+        snapshot = repo / "snapshots" / commit
+        shutil.copytree(tiny_dir, snapshot)
+        model = AutoModelForCausalLM.from_pretrained(snapshot)
+        with torch.no_grad():
+            for param in model.parameters():
+                param.add_(shift)
+        model.save_pretrained(snapshot)
+        config = json.loads((snapshot / "tokenizer_config.json").read_text())
+        config["model_max_length"] = 64 + int(shift)
+        (snapshot / "tokenizer_config.json").write_text(json.dumps(config))
+        (repo / "refs").mkdir(parents=True, exist_ok=True)
+        (repo / "refs" / name).write_text(commit)
+        weights[name] = {k: v.clone() for k, v in model.state_dict().items()}
+    weights[None] = weights["main"]
+    return weights
+
+
+@pytest.mark.parametrize("revision", ["v1", None])
+def test_base_model_revision_reaches_the_loader(
+    tiny_dir: Path, tmp_path: Path, monkeypatch, revision: str | None
+) -> None:
+    """A hub model pinned to `model.revision` loads that revision, not the default branch:
+    the tokenizer, the causal LM and the scorer's backbone (offline, from a hub cache)."""
+    import huggingface_hub.constants
+
+    weights = hub_cache(tiny_dir, tmp_path / "hub")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.chdir(tmp_path)
     (tmp_path / "models" / "base").mkdir(parents=True)
-    pointer = {"name_or_path": str(tiny_dir), "revision": "main"}
+    pointer = {"name_or_path": "test/tiny", "revision": revision}
     (tmp_path / "models" / "base" / "base.json").write_text(json.dumps(pointer))
-    seen: list[dict[str, Any]] = []
-    for auto in (AutoModelForCausalLM, AutoTokenizer):
-        real = auto.from_pretrained.__func__
 
-        def spy(cls: Any, *args: Any, _real: Any = real, **kwargs: Any) -> Any:
-            seen.append(kwargs)
-            return _real(cls, *args, **kwargs)
-
-        monkeypatch.setattr(auto, "from_pretrained", classmethod(spy))
-    load_tokenizer("base", model_config())
-    load_causal_lm("base", model_config(), torch.float32)
-    assert [kwargs["revision"] for kwargs in seen] == ["main", "main"]
+    assert load_tokenizer("base", model_config()).model_max_length == (65 if revision else 64)
+    lm = load_causal_lm("base", model_config(), torch.float32).state_dict()
+    assert set(lm) == set(weights[revision])
+    assert all(torch.equal(lm[k], weights[revision][k]) for k in lm)
+    scorer = load_scorer("base", model_config(), torch.float32, pad_token_id=0).state_dict()
+    backbone = {k: v for k, v in scorer.items() if k.startswith("model.")}
+    assert backbone and all(torch.equal(v, weights[revision][k]) for k, v in backbone.items())
 
 
 def test_remote_code_needs_trust_and_then_loads_every_head(tiny_dir: Path, tmp_path: Path):

@@ -7,6 +7,7 @@ with it."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -23,6 +24,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from flows.infra.services import alive
 from tasks.errors import Terminated
 from tasks.io import RUN_ID_FILE, damaged, resumable_dir, resumable_run_id
 from tasks.params import load_params
@@ -218,15 +220,20 @@ def test_a_sigterm_repeated_while_the_run_closes_still_leaves_it_killed(
 
 
 STAGE_STANDIN = """
-import os, signal, sys, threading, time
+import os, select, signal, sys, time
 from pathlib import Path
 from flows.infra.services import end_with_launcher
 out = Path(sys.argv[1])
 signal.signal(signal.SIGTERM, lambda *_: (out.with_suffix(".stopped").touch(), os._exit(0)))
 end_with_launcher()
-out.write_text(" ".join(t.name for t in threading.enumerate()))
+launcher = os.pidfd_open(int(os.environ["LAUNCHER_PID"]))
+out.touch()
+select.select([launcher], [], [])  # until the launcher has exited
+time.sleep(float(sys.argv[2]))  # a watcher signals at once: it would have stopped us by now
+out.with_suffix(".survived").touch()
 time.sleep(120)
 """
+GRACE_S = 3.0
 
 
 @pytest.mark.parametrize(
@@ -238,34 +245,45 @@ def test_a_killed_dvc_takes_the_stage_with_it_through_the_shell_it_runs(
 ) -> None:
     """DVC runs a stage as `$SHELL -c cmd`; dash (`/bin/sh`, DVC's choice when SHELL is unset)
     stays between the two, bash execs the command. A `kill -9` of dvc must stop the stage in
-    both cases; a stage under any other parent is left alone. The launcher is a script named
-    like its role (only its name is read); the stage is `end_with_launcher`, then a sleep."""
-    stage = [sys.executable, "-c", STAGE_STANDIN, str(tmp_path / "stage.threads")]
+    both cases; a stage under any other parent outlives it, as `nohup` wants. The launcher is
+    a script named like its role (only its name is read); the stage is `end_with_launcher`,
+    then it waits for the launcher's end and GRACE_S more, and says it survived."""
+    ready = tmp_path / "stage"
+    stage = [sys.executable, "-c", STAGE_STANDIN, str(ready), str(GRACE_S)]
     command = [shell, "-c", subprocess.list2cmdline(stage)] if shell else stage
     script = tmp_path / launcher
-    body = f"import subprocess, time\nsubprocess.Popen({command!r})\ntime.sleep(120)\n"
+    body = (
+        "import os, subprocess, time\n"
+        f"subprocess.Popen({command!r}, env=os.environ | {{'LAUNCHER_PID': str(os.getpid())}})\n"
+        "time.sleep(120)\n"
+    )
     script.write_text(f"#!{sys.executable}\n{body}")
     script.chmod(0o755)
     env = os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     parent = subprocess.Popen([str(script)], env=env)
+    family: list[psutil.Process] = []
     try:
         for _ in range(600):
-            if (tmp_path / "stage.threads").is_file():
+            if ready.is_file():
                 break
             assert parent.poll() is None
             time.sleep(0.05)
+        family = psutil.Process(parent.pid).children(recursive=True)  # the shell, the stage
         parent.kill()
         parent.wait()
-        if launcher != "dvc":  # nothing watches its parent: it lives on, as `nohup` wants
-            assert "rlhf-launcher" not in (tmp_path / "stage.threads").read_text().split()
-        else:
-            for _ in range(600):
-                if (tmp_path / "stage.stopped").exists():
-                    break
-                time.sleep(0.05)
-            assert (tmp_path / "stage.stopped").exists(), "the stage outlived its dvc"
+        for _ in range(1200):
+            if ready.with_suffix(".stopped").exists() or ready.with_suffix(".survived").exists():
+                break
+            time.sleep(0.05)
+        if launcher == "dvc":
+            assert ready.with_suffix(".stopped").exists(), "the stage outlived its dvc"
+            assert not ready.with_suffix(".survived").exists()
+        else:  # nothing watches a shell or nohup: the stage lives on
+            assert ready.with_suffix(".survived").exists(), "the stage died with its launcher"
+            assert not ready.with_suffix(".stopped").exists()
+            assert any(alive(p) and str(ready) in p.cmdline() for p in family)
     finally:
         parent.kill()
-        for process in psutil.process_iter(["cmdline"]):
-            if str(tmp_path / "stage.threads") in (process.info["cmdline"] or []):
-                process.terminate()  # its handler exits quietly
+        for process in family:  # only what this test started
+            with contextlib.suppress(psutil.Error):
+                process.terminate()  # the stage's handler exits quietly
