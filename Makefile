@@ -28,7 +28,7 @@ pipeline: install
 	dvc repro
 
 test: install
-	pytest -q -n 2 --dist loadgroup --no-loadscope-reorder --durations=15
+	pytest -q --durations=15
 
 lint: install
 	ruff check . && ruff format --check .

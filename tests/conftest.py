@@ -206,30 +206,3 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-# `make test` runs two pytest-xdist workers (`--dist loadgroup`): a module's tests stay on one
-# worker, so its module-scoped fixture (a pipeline run, a worker rig) is built once, and the
-# modules that share a session fixture (the faults and outage tests' prepared repository, the e2e
-# package's `dvc repro`) share a worker. The heavy groups go first: a worker takes the next group
-# when it is free, so the last to start should be the short ones.
-SHARED_GROUPS = {
-    "tests/service/test_faults.py": "prepared",
-    "tests/service/test_outage.py": "prepared",
-}
-HEAVY_FIRST = ("tests/e2e/", "tests/service/", "tests/integration/")
-
-
-@pytest.hookimpl(tryfirst=True)
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    def group(item: pytest.Item) -> str:
-        path = item.path.relative_to(REPO).as_posix()
-        return "e2e" if path.startswith("tests/e2e/") else SHARED_GROUPS.get(path, path)
-
-    def rank(item: pytest.Item) -> int:
-        path = item.path.relative_to(REPO).as_posix()
-        return next((i for i, top in enumerate(HEAVY_FIRST) if path.startswith(top)), 99)
-
-    items.sort(key=rank)  # stable: a module keeps its own order
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group(group(item)))
