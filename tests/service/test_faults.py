@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import signal
 import sqlite3
@@ -21,7 +22,6 @@ import pytest
 from flows.infra.deployment import BIN
 from flows.infra.testing import write_params
 from tasks.params import load_params
-from tests.service.poison import poison_one_prompt
 
 pytestmark = [pytest.mark.service, pytest.mark.slow]
 
@@ -57,18 +57,16 @@ def wait_for(path: Path, process: subprocess.Popen[bytes], seconds: float = 300)
         time.sleep(0.1)
 
 
-def stage_process(launcher: subprocess.Popen[bytes], stage: str) -> psutil.Process:
-    """The `rlhf stage <stage>` process among the descendants of `launcher` (this test's
-    `dvc repro`): never another checkout's stage of the same name."""
+def stage_process(stage: str, launcher: subprocess.Popen[bytes]) -> psutil.Process:
+    """The `rlhf stage <stage>` process `launcher` (a `dvc repro`) started: among its
+    descendants, not a machine-wide match (other suites may run the same stage)."""
     for _ in range(600):
         with contextlib.suppress(psutil.Error):
             for process in psutil.Process(launcher.pid).children(recursive=True):
-                with contextlib.suppress(psutil.Error):
-                    if process.cmdline()[-2:] == ["stage", stage]:
-                        return process
-        assert launcher.poll() is None, output_of(launcher)[-3000:]
+                if process.cmdline()[-2:] == ["stage", stage]:
+                    return process
         time.sleep(0.1)
-    raise AssertionError(f"no rlhf stage {stage} under {launcher.args}")
+    raise AssertionError(f"no rlhf stage {stage}")
 
 
 def runs(repo: Path, stage: str | None = None) -> list[mlflow.entities.Run]:
@@ -159,7 +157,7 @@ def test_kill_9_then_dvc_repro_resumes_in_the_same_run(
     repo: Path, stage: str, checkpoint: str, key: str, past: int, last: int
 ):
     repro = start(repo, str(BIN / "dvc"), "repro", stage)
-    victim = stage_process(repro, stage)
+    victim = stage_process(stage, repro)
     wait_for(repo / checkpoint, repro)
     flow_run = running_tag(repo, stage)
     wait_for_step(repo, stage, key, past, repro)  # a few steps past the checkpoint
@@ -219,7 +217,7 @@ def test_sigterm_stops_keeps_the_checkpoint_and_a_damaged_one_is_discarded(repo:
 
 def test_a_killed_dvc_repro_takes_its_stage_with_it(repo: Path):
     repro = start(repo, str(BIN / "dvc"), "repro", "-f", "-s", "dpo")  # dpo alone, again
-    stage = stage_process(repro, "dpo")
+    stage = stage_process("dpo", repro)
     wait_for(repo / "checkpoints/dpo/checkpoint-40/trainer_state.json", repro)
     repro.kill()
     repro.wait(timeout=30)
@@ -233,14 +231,12 @@ def test_a_killed_dvc_repro_takes_its_stage_with_it(repo: Path):
     assert not [r for r in runs(repo) if r.info.status == "RUNNING"]
 
 
-def torchrun(repo: Path, stage: str, *args: str, tee: bool = False) -> list[str]:
-    """`torchrun --nproc_per_node 2` of a stage: two CPU processes over gloo, a thread each;
-    `tee`: each rank's lines prefixed `[default<rank>]:`."""
+def torchrun(repo: Path, stage: str, *args: str) -> list[str]:
+    """`torchrun --nproc_per_node 2` of a stage: two CPU processes over gloo, a thread each."""
     return [
         str(BIN / "torchrun"),
         "--nproc_per_node",
         "2",
-        *(["--tee", "3"] if tee else []),
         "-m",
         "flows.infra.cli",
         "stage",
@@ -296,41 +292,20 @@ def test_sft_under_torchrun_is_one_finished_run(repo: Path):
     assert (repo / "models" / "sft" / "model.safetensors").is_file()
 
 
-def test_a_nan_on_one_rank_stops_both_in_the_same_step(repo: Path, tmp_path: Path):
-    """Real PPO (`rlhf stage ppo`) under `torchrun --nproc_per_node 2`: the rank that draws the
-    poisoned prompt gets a NaN score; both ranks must stop with the same error at the same
-    iteration. A rank left waiting in the next collective would hang, then be killed by
-    torchrun (`stopped by SIGTERM`) instead of reporting the NaN itself."""
-    poison_one_prompt(repo, tmp_path)
-    params = write_params(
-        tmp_path / "params.yaml",
-        {"ppo.num_iterations": 2, "ppo.rollout_batch_size": 16},
-        base=repo / "params.yaml",
-    )
+def test_a_nan_on_one_rank_stops_both_in_the_same_step(tmp_path: Path):
+    script = Path(__file__).with_name("nan_on_one_rank.py")
     done = subprocess.run(
-        torchrun(repo, "ppo", "--params", str(params), tee=True),
+        [str(BIN / "torchrun"), "--nproc_per_node", "2", str(script)],
         cwd=tmp_path,
-        env=environment(repo)
-        | {"OMP_NUM_THREADS": "1", "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"},
+        env=os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(script.parents[2])},
         capture_output=True,
         text=True,
-        timeout=600,  # a rank left waiting in a collective would hang until torchrun's timeout
+        timeout=300,  # a rank left waiting in a collective would hang until this
     )
-    output = done.stdout + done.stderr
-    assert done.returncode != 0, output[-3000:]
-    errors = {
-        rank: re.findall(
-            rf"^\[default{rank}\]:rlhf: error: (ppo: iteration \d+: [^;]+);", output, re.M
-        )
-        for rank in (0, 1)
-    }
-    assert errors[0] == errors[1] and len(errors[0]) == 1, output[-3000:]
-    assert re.fullmatch(r"ppo: iteration [01]: non-finite reward-model score", errors[0][0])
-    assert "stopped by SIGTERM" not in output and "Traceback" not in output.split("ChildFailed")[0]
-    assert not (tmp_path / "models" / "ppo").exists()
-    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
-    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
-    assert run.info.status == "FAILED"
+    assert done.returncode != 0
+    for rank in (0, 1):
+        assert f"rank {rank}: stopped: ppo: iteration 3: non-finite actor loss" in done.stdout
+    assert "went on" not in done.stdout
 
 
 def test_ppo_under_torchrun_resumes_after_a_kill(repo: Path):
