@@ -3,7 +3,15 @@
 from __future__ import annotations
 
 from flows.infra.handoff import stage
-from tasks.evaluate import answer, best_policy, check_policies, compare, publish, samples_table
+from tasks.evaluate import (
+    BEST_OF,
+    answer,
+    best_policy,
+    check_policies,
+    compare,
+    publish,
+    samples_table,
+)
 from tasks.generation import eval_prompts
 from tasks.io import atomic_dir, write_json
 from tasks.params import Params
@@ -19,7 +27,8 @@ def evaluate(params: Params) -> dict[str, float]:
     with stage_run("evaluate", params):
         check_policies(cfg.policies)
         prompts = eval_prompts(cfg.max_prompts)
-        answers = {policy: answer(policy, params) for policy in cfg.policies}
+        policies = [*cfg.policies, *(f"{BEST_OF}{n}" for n in cfg.best_of_n)]
+        answers = {policy: answer(policy, params) for policy in policies}
         synthetic = params.data.source == "synthetic"
         metrics = compare(answers, prompts, synthetic)
         best = best_policy(metrics)

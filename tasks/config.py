@@ -278,6 +278,10 @@ class EvaluateConfig(Section):
     """Evaluate on at most this many eval prompts; null for all."""
     num_samples_logged: int = Field(ge=0)
     """Rows of the samples table logged to MLflow."""
+    best_of_n: list[int] = Field(default_factory=list)
+    """Best-of-n baselines, one policy `bon@<n>` per entry (each n ≥ 2): SFT samples n responses
+    per prompt (temperature, top_p above) and the reward model keeps its highest-scored one; KL
+    to SFT is the analytic log n − (n−1)/n. Costs n × SFT's generation; [] for none."""
 
     @model_validator(mode="after")
     def _sft_is_reference(self) -> EvaluateConfig:
@@ -285,6 +289,8 @@ class EvaluateConfig(Section):
             raise ValueError("policies: must include 'sft' (the reference for win rate and KL)")
         if len(set(self.policies)) != len(self.policies):
             raise ValueError(f"policies: listed twice in {self.policies}")
+        if any(n < 2 for n in self.best_of_n) or len(set(self.best_of_n)) != len(self.best_of_n):
+            raise ValueError(f"best_of_n: distinct integers ≥ 2 expected, got {self.best_of_n}")
         return self
 
 

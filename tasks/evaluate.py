@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -48,14 +49,39 @@ def check_policies(policies: list[str]) -> None:
             raise MissingInput(f"{exc}{hint}") from None
 
 
+BEST_OF = "bon@"
+"""Prefix of the best-of-n policies: `bon@4` is SFT's best of 4 samples by the reward model."""
+
+
+def base_policy(policy: str) -> str:
+    """The model a policy's responses come from: SFT for best-of-n, else the policy itself."""
+    return "sft" if policy.startswith(BEST_OF) else policy
+
+
+def best_of_n_kl(n: int) -> float:
+    """KL(π_bon ‖ π_sft) = log n − (n−1)/n nats (Stiennon et al. 2020; Gao et al. 2022, eq. 1)."""
+    return math.log(n) - (n - 1) / n
+
+
+def pick_best_of_n(rows: dict[str, list[Any]], n: int) -> dict[str, list[Any]]:
+    """Rows of n consecutive samples per prompt → per prompt the one with the highest score
+    (the first on ties, as argmax), its KL replaced by the analytic best-of-n KL."""
+    scores = torch.tensor(rows["score"]).view(-1, n)
+    best = (scores.argmax(dim=1) + torch.arange(len(scores)) * n).tolist()
+    picked = {key: [values[i] for i in best] for key, values in rows.items()}
+    picked["kl"] = [best_of_n_kl(n)] * len(best)
+    return picked
+
+
 @task(cache_policy=NO_CACHE)
 def answer(policy: str, params: Params) -> dict[str, list[Any]]:
     """The policy's responses to the eval prompts, judged: per prompt the response text, its
     reward-model score, its KL to SFT (nats, summed over tokens), its length and whether it
-    ended with EOS."""
+    ended with EOS. `bon@<n>`: SFT samples n per prompt, the reward model keeps the best."""
     cfg = params.evaluate
-    model, tokenizer = load_policy(policy, params)
-    reference = model if policy == "sft" else load_policy("sft", params)[0]
+    n = int(policy.removeprefix(BEST_OF)) if policy.startswith(BEST_OF) else 1
+    model, tokenizer = load_policy(base_policy(policy), params)
+    reference = model if base_policy(policy) == "sft" else load_policy("sft", params)[0]
     frozen = dtype(params.model.dtype, model.device)
     reward = load_scorer("reward_model", params.model, frozen, tokenizer.pad_token_id)
     reward = TokenScorer(reward.requires_grad_(False).eval()).to(model.device)
@@ -66,10 +92,10 @@ def answer(policy: str, params: Params) -> dict[str, list[Any]]:
     batches = generate(
         model,
         tokenizer,
-        prompts,
+        [prompt for prompt in prompts for _ in range(n)],  # n samples of a prompt side by side
         cfg.batch_size,
         max_new_tokens=cfg.max_new_tokens,
-        do_sample=cfg.do_sample,
+        do_sample=cfg.do_sample or n > 1,
         temperature=cfg.temperature,
         top_p=cfg.top_p,
     )
@@ -79,7 +105,7 @@ def answer(policy: str, params: Params) -> dict[str, list[Any]]:
         rows["response"] += decode_responses(tokenizer, sequences, prompt_mask.shape[1])
         for key, values in judged.items():
             rows[key] += values.tolist()
-    return rows
+    return pick_best_of_n(rows, n) if n > 1 else rows
 
 
 def _judge(
@@ -132,9 +158,11 @@ def compare(
 
 
 def best_policy(metrics: dict[str, dict[str, float]]) -> str:
-    """Highest ground-truth score when there is one (ties: higher reward), else highest reward."""
+    """Highest ground-truth score when there is one (ties: higher reward), else highest reward;
+    among trained policies only (best-of-n needs the reward model at inference: no one model)."""
     key = "ground_truth_score" if "ground_truth_score" in metrics["sft"] else "reward_mean"
-    return max(sorted(metrics), key=lambda p: (metrics[p][key], metrics[p]["reward_mean"]))
+    trained = sorted(p for p in metrics if not p.startswith(BEST_OF))
+    return max(trained, key=lambda p: (metrics[p][key], metrics[p]["reward_mean"]))
 
 
 def samples_table(
@@ -179,8 +207,9 @@ def publish(
     hashes = upstream_hashes("evaluate")
     source, children = "", {}
     for policy, values in metrics.items():
+        model = base_policy(policy)  # best-of-n: SFT's lineage
         trained_params, lineage_tags = lineage(
-            policy, hashes.get(f"dvc.dep.models/{policy}", "unknown")
+            model, hashes.get(f"dvc.dep.models/{model}", "unknown")
         )
         tags = {"rlhf.stage": "evaluate", "rlhf.policy": policy, "rlhf.pipeline_id": pipeline_id()}
         with mlflow.start_run(

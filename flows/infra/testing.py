@@ -50,7 +50,12 @@ _FEW_STEPS: dict[str, dict[str, Any]] = {  # stage kind → keys of the stage's 
         "checkpoint_every": 1,
         "sample_every": 1,
     },
-    "evaluate": {"max_prompts": 16, "max_new_tokens": 8, "num_samples_logged": 4},
+    "evaluate": {
+        "max_prompts": 16,
+        "max_new_tokens": 8,
+        "num_samples_logged": 4,
+        "best_of_n": [2],
+    },
 }
 FAST: dict[str, Any] = SMALL | {
     f"{spec.own_section}.{key}": value

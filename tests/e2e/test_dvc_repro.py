@@ -28,6 +28,7 @@ from flows.infra.testing import (
     wait_http,
     write_params,
 )
+from tasks.evaluate import base_policy
 from tasks.io import md5
 from tasks.stages import POLICIES, STAGES
 
@@ -244,9 +245,9 @@ def what_users_compare(
         [experiment.experiment_id],
         f"tags.mlflow.parentRunId = '{by_name['evaluate'].info.run_id}'",
     )
-    assert len(children) == len(POLICIES)
+    assert len(children) == len(POLICIES) + 1  # and bon@2, best of 2 samples of SFT
     for child in children:
-        policy = child.data.tags["rlhf.policy"]
+        policy = base_policy(child.data.tags["rlhf.policy"])
         trained = by_name[policy]
         assert child.data.params == trained.data.params, policy  # what produced it
         assert child.data.tags["rlhf.trained_by_run"] == trained.info.run_id

@@ -42,6 +42,7 @@ OVERRIDES = SMALL | {
 }
 # DVC's md5 of each upstream output, as dvc.lock would record it (fake, but distinct)
 MD5 = {name: f"{index:032x}.dir" for index, name in enumerate(("reward_model", *POLICIES), start=1)}
+EVALUATED = (*POLICIES, "bon@2")  # SMALL's evaluate.best_of_n: [2]
 PNG = b"\x89PNG\r\n\x1a\n"
 EVALUATE_DIRS = (".", "reports", "plots", "metrics")  # where a write may leave temp entries
 QUESTION = "What is 3 plus 4?"
@@ -169,7 +170,7 @@ def test_metrics_report_and_plots(evaluated) -> None:
     root, returned = evaluated
     metrics = written(root)
 
-    assert set(metrics) == set(POLICIES)
+    assert set(metrics) == set(EVALUATED)
     for policy, values in metrics.items():
         assert set(values) == set(METRICS), policy
         assert all(math.isfinite(v) for v in values.values()), (policy, values)
@@ -180,12 +181,13 @@ def test_metrics_report_and_plots(evaluated) -> None:
         assert values["reward_std"] >= 0, policy
     assert metrics["sft"]["win_rate_vs_sft"] == 0.5
     assert metrics["sft"]["kl_to_sft"] == 0.0
+    assert metrics["bon@2"]["kl_to_sft"] == pytest.approx(math.log(2) - 1 / 2)
     assert metrics["ppo"] == metrics["sft"]  # the same weights: the same answers and judgement
     for policy in ("dpo", "simpo"):  # other weights: other answers, away from sft
         assert metrics[policy]["kl_to_sft"] > 0.1, policy
         assert metrics[policy]["reward_mean"] != metrics["sft"]["reward_mean"], policy
     assert returned == {
-        f"{p}.ground_truth_score": metrics[p]["ground_truth_score"] for p in POLICIES
+        f"{p}.ground_truth_score": metrics[p]["ground_truth_score"] for p in EVALUATED
     }
 
     # reports/: the Markdown table (one row per policy, the best in bold) and the PNG chart
@@ -196,12 +198,12 @@ def test_metrics_report_and_plots(evaluated) -> None:
     markdown = (root / "reports" / "evaluate.md").read_text(encoding="utf-8")
     rows = [line for line in markdown.splitlines() if line.startswith("| ")][1:]  # no header
     names = [row.strip("|").split("|")[0].strip() for row in rows]
-    assert names == [f"**{p}**" if p == best else p for p in POLICIES]
+    assert names == [f"**{p}**" if p == best else p for p in EVALUATED]
     assert Artifact.get("evaluate-report").data == markdown  # in the Prefect UI too
 
     # plots/evaluate.json: one row per policy, {policy, ...metrics}
     plots = json.loads((root / "plots" / "evaluate.json").read_text())
-    assert plots == [{"policy": p} | metrics[p] for p in POLICIES]
+    assert plots == [{"policy": p} | metrics[p] for p in EVALUATED]
     assert leftovers(root, *EVALUATE_DIRS) == []
 
 
@@ -221,8 +223,8 @@ def test_mlflow_runs_artifacts_and_registry(evaluated, tmp_path: Path) -> None:
 
     # one child run per policy, identical metric keys, the values of metrics/evaluate.json
     nested = children(root, stage)
-    assert set(nested) == {f"evaluate/{p}" for p in POLICIES}
-    for policy in POLICIES:
+    assert set(nested) == {f"evaluate/{p}" for p in EVALUATED}
+    for policy in EVALUATED:
         run = nested[f"evaluate/{policy}"]
         assert run.info.status == "FINISHED"
         assert run.data.tags["mlflow.parentRunId"] == stage.info.run_id
@@ -236,7 +238,7 @@ def test_mlflow_runs_artifacts_and_registry(evaluated, tmp_path: Path) -> None:
     local = store.download_artifacts(stage.info.run_id, "evaluate_samples.json", str(tmp_path))
     table = json.loads(Path(local).read_text())
     columns = ["prompt"] + [
-        f"{p}_{c}" for p in POLICIES for c in ("response", "reward", "ground_truth")
+        f"{p}_{c}" for p in EVALUATED for c in ("response", "reward", "ground_truth")
     ]
     assert table["columns"] == columns
     assert len(table["data"]) == 3  # num_samples_logged
@@ -258,7 +260,7 @@ def test_mlflow_runs_artifacts_and_registry(evaluated, tmp_path: Path) -> None:
     assert (Path(source) / "config.json").is_file()
     logged = {a.path for a in store.list_artifacts(best_run.info.run_id, "model")}
     assert "model/config.json" in logged and "model/model.safetensors" in logged
-    for policy in set(POLICIES) - {best}:  # only the best one's weights are copied
+    for policy in set(EVALUATED) - {best}:  # only the best one's weights are copied
         assert store.list_artifacts(nested[f"evaluate/{policy}"].info.run_id) == []
 
 
@@ -319,12 +321,14 @@ def test_missing_policy_is_an_error_unless_unlisted(
     policies = ["sft", "ppo", "simpo"]
     evaluate(load_params(make_params(OVERRIDES | {"evaluate.policies": policies})))
     metrics = written(workdir)
-    assert list(metrics) == sorted(policies)  # write_json sorts keys
+    assert list(metrics) == sorted([*policies, "bon@2"])  # write_json sorts keys
     root, _ = evaluated
-    assert metrics == {p: written(root)[p] for p in policies}  # each policy judged alone
+    assert metrics == {
+        p: written(root)[p] for p in [*policies, "bon@2"]
+    }  # each policy judged alone
     failed, finished = runs(workdir)
     assert (failed.info.status, finished.info.status) == ("FAILED", "FINISHED")
-    assert set(children(workdir, finished)) == {f"evaluate/{p}" for p in policies}
+    assert set(children(workdir, finished)) == {f"evaluate/{p}" for p in [*policies, "bon@2"]}
     markdown = (workdir / "reports" / "evaluate.md").read_text(encoding="utf-8")
     assert "dpo" not in markdown
 
