@@ -38,11 +38,12 @@ OVERRIDES = SMALL | {
     "evaluate.max_prompts": 4,
     "evaluate.max_new_tokens": 8,
     "evaluate.num_samples_logged": 3,
+    "evaluate.best_of_n": [2],
     "tracking.registered_model": REGISTERED,
 }
 # DVC's md5 of each upstream output, as dvc.lock would record it (fake, but distinct)
 MD5 = {name: f"{index:032x}.dir" for index, name in enumerate(("reward_model", *POLICIES), start=1)}
-EVALUATED = (*POLICIES, "bon@2")  # SMALL's evaluate.best_of_n: [2]
+EVALUATED = (*POLICIES, "bon@2")
 PNG = b"\x89PNG\r\n\x1a\n"
 EVALUATE_DIRS = (".", "reports", "plots", "metrics")  # where a write may leave temp entries
 QUESTION = "What is 3 plus 4?"
