@@ -121,10 +121,12 @@ def _judge(
     length (EOS included) and EOS flag."""
     responses = read_responses(sequences, prompt_mask, stop_ids)
     mask = responses.mask
-    inputs = (sequences, responses.attention_mask, responses.position_ids, mask.shape[1])
-    logp = torch.log_softmax(response_logits(policy, *inputs), dim=-1)
-    ref_logp = torch.log_softmax(response_logits(reference, *inputs), dim=-1)
-    kl = ((logp.exp() * (logp - ref_logp)).sum(dim=-1) * mask).sum(dim=1)
+    kl = torch.zeros(mask.shape[0])  # SFT and best-of-n judged by SFT: KL(π ‖ π) is 0 exactly
+    if reference is not policy:
+        inputs = (sequences, responses.attention_mask, responses.position_ids, mask.shape[1])
+        logp = torch.log_softmax(response_logits(policy, *inputs), dim=-1)
+        ref_logp = torch.log_softmax(response_logits(reference, *inputs), dim=-1)
+        kl = ((logp.exp() * (logp - ref_logp)).sum(dim=-1) * mask).sum(dim=1)
     scores = final_scores(reward, sequences, responses)
     return {"score": scores, "kl": kl, "length": mask.sum(dim=1), "eos": responses.has_eos.float()}
 

@@ -320,16 +320,15 @@ def test_missing_policy_is_an_error_unless_unlisted(
     assert leftovers(workdir, *EVALUATE_DIRS) == []
 
     policies = ["sft", "ppo", "simpo"]
+    judged = [*policies, "bon@2"]  # best-of-n comes with sft
     evaluate(load_params(make_params(OVERRIDES | {"evaluate.policies": policies})))
     metrics = written(workdir)
-    assert list(metrics) == sorted([*policies, "bon@2"])  # write_json sorts keys
+    assert list(metrics) == sorted(judged)  # write_json sorts keys
     root, _ = evaluated
-    assert metrics == {
-        p: written(root)[p] for p in [*policies, "bon@2"]
-    }  # each policy judged alone
+    assert metrics == {p: written(root)[p] for p in judged}  # each policy judged alone
     failed, finished = runs(workdir)
     assert (failed.info.status, finished.info.status) == ("FAILED", "FINISHED")
-    assert set(children(workdir, finished)) == {f"evaluate/{p}" for p in [*policies, "bon@2"]}
+    assert set(children(workdir, finished)) == {f"evaluate/{p}" for p in judged}
     markdown = (workdir / "reports" / "evaluate.md").read_text(encoding="utf-8")
     assert "dpo" not in markdown
 
