@@ -135,6 +135,11 @@ class DataConfig(Section):
     with data.source local/hub: the reward model, DPO and SimPO train on them."""
     prompts: DataSourceConfig = DataSourceConfig()
     """Prompts for PPO and evaluation. Omitted → the preference prompts."""
+    gold_reward_model: str | None = None
+    """A second reward model standing for the true preference (Gao et al. 2022): a local model
+    directory or a hub id. PPO, GRPO and RLOO report its score as the gold in their held-out
+    evaluations and evaluate as `gold_reward`; null: the synthetic task's ground truth is the
+    gold (other data: no gold)."""
 
     @model_validator(mode="after")
     def _sources_match(self) -> DataConfig:
@@ -213,6 +218,11 @@ class OnlineStageConfig(TrainerStage):
     reward_stats.json); `ground_truth` is the synthetic task's scorer (a verifiable reward)."""
     sample_every: int = Field(ge=1)
     """Steps between tables of completions and their rewards logged to MLflow."""
+    eval_every: int | None = Field(default=None, ge=1)
+    """Steps between held-out evaluations of the policy (gold, proxy and KL to SFT: before the
+    first step, every eval_every steps and after the last; tasks/heldout.py); null: none."""
+    eval_prompts: int = Field(default=64, ge=1)
+    """Held-out prompts each of those evaluations answers (the first ones, greedy)."""
 
     @model_validator(mode="after")
     def _rewards_and_groups(self) -> OnlineStageConfig:

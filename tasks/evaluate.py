@@ -21,7 +21,7 @@ from tasks.errors import MissingInput
 from tasks.generation import decode_responses, eval_prompts, generate, load_policy, render_prompts
 from tasks.models import dtype, load_scorer, locate
 from tasks.params import Params
-from tasks.scoring import TokenScorer, final_scores, read_responses, response_logits, stop_ids
+from tasks.scoring import TokenScorer, judge, stop_ids
 
 log = logging.getLogger(__name__)
 
@@ -101,34 +101,11 @@ def answer(policy: str, params: Params) -> dict[str, list[Any]]:
     )
     for prompt_mask, sequences in batches:
         with torch.no_grad():
-            judged = _judge(model, reference, reward, sequences, prompt_mask, stops)
+            judged = judge(model, reference, reward, sequences, prompt_mask, stops)
         rows["response"] += decode_responses(tokenizer, sequences, prompt_mask.shape[1])
         for key, values in judged.items():
             rows[key] += values.tolist()
     return pick_best_of_n(rows, n) if n > 1 else rows
-
-
-def _judge(
-    policy: Any,
-    reference: Any,
-    reward: TokenScorer,
-    sequences: torch.Tensor,
-    prompt_mask: torch.Tensor,
-    stop_ids: list[int],
-) -> dict[str, torch.Tensor]:
-    """Per row of `[B, P+T]` sequences: reward score at the last valid token, exact KL to the
-    reference summed over the response (`Σ_t Σ_v π(v|s_t) log π(v|s_t)/π_ref(v|s_t)`),
-    length (EOS included) and EOS flag."""
-    responses = read_responses(sequences, prompt_mask, stop_ids)
-    mask = responses.mask
-    kl = torch.zeros(mask.shape[0])  # SFT and best-of-n judged by SFT: KL(π ‖ π) is 0 exactly
-    if reference is not policy:
-        inputs = (sequences, responses.attention_mask, responses.position_ids, mask.shape[1])
-        logp = torch.log_softmax(response_logits(policy, *inputs), dim=-1)
-        ref_logp = torch.log_softmax(response_logits(reference, *inputs), dim=-1)
-        kl = ((logp.exp() * (logp - ref_logp)).sum(dim=-1) * mask).sum(dim=1)
-    scores = final_scores(reward, sequences, responses)
-    return {"score": scores, "kl": kl, "length": mask.sum(dim=1), "eos": responses.has_eos.float()}
 
 
 def compare(

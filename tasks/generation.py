@@ -64,11 +64,18 @@ def generation_kwargs(
 
 @torch.no_grad()
 def generate(
-    model: Any, tokenizer: Any, prompts: list[str], batch_size: int, **settings: Any
+    model: Any,
+    tokenizer: Any,
+    prompts: list[str],
+    batch_size: int,
+    synced_gpus: bool = False,
+    **settings: Any,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Per batch of rendered `prompts`: (prompt attention mask `[B, P]`, sequences `[B, P+T]`).
-    `settings` are `generation_kwargs`'s."""
+    `settings` are `generation_kwargs`'s; `synced_gpus` for a model sharded over processes."""
     kwargs = generation_kwargs(model, tokenizer, **settings)
+    if synced_gpus:  # every process joins every layer's gather until all have finished
+        kwargs["synced_gpus"] = True
     for start in range(0, len(prompts), batch_size):
         batch = tokenizer(
             prompts[start : start + batch_size], return_tensors="pt", padding=True

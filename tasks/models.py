@@ -111,7 +111,10 @@ def write_base_pointer(cfg: ModelConfig, out_dir: Path) -> dict[str, Any]:
 
 def locate(model: str | Path) -> tuple[str, str | None]:
     """(name or path, revision) of a model: a stage name (`base` is what `prepare` recorded in
-    models/base/base.json, any other is models/<stage>/), or a model directory."""
+    models/base/base.json, any other is models/<stage>/), a model directory, or a hub id
+    (`org/name`, a string with a slash: stage names have none)."""
+    if isinstance(model, str) and "/" in model:
+        return model, None
     if model == "base":
         pointer = MODELS_DIR / "base" / "base.json"
         if not pointer.is_file():

@@ -21,9 +21,10 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from transformers import TrainerCallback
 
-from tasks.models import device, dtype, load_scorer, load_tokenizer
+from tasks.heldout import HeldOut, due, evaluate_held_out, held_out
+from tasks.models import dtype, load_causal_lm, load_scorer, load_tokenizer
 from tasks.params import Params
-from tasks.scoring import reward_texts, score_stats, score_texts
+from tasks.scoring import TokenScorer, score_stats, text_scorer
 from tasks.stages import MODELS_DIR, STAGE
 from tasks.synthetic import ground_truth
 from tasks.tracking_queue import log_table
@@ -38,13 +39,68 @@ def train_online(stage: str, params: Params) -> dict[str, float]:
     become TRL's `reward_weights`); write `models/<stage>/`; return summary metrics."""
     section = getattr(params, stage)
     table = Completions(stage, section.sample_every)
-    return run_trainer(
+    every = section.eval_every
+    probe = HeldOutEvaluation(params, every, section.eval_prompts) if every else None
+    metrics = run_trainer(
         STAGE[stage],
         params,
         config={"reward_weights": list(section.rewards.values())},
         reward_funcs=reward_functions(stage, params, table),
-        callbacks=[table],
+        callbacks=[table, *([probe] if probe else [])],
     )
+    final = probe.last if probe else {}
+    return metrics | {key.replace("/", "_"): value for key, value in final.items()}
+
+
+class HeldOutEvaluation(TrainerCallback):
+    """Gold, proxy and KL of the policy on the held-out prompts (tasks/heldout.py) before the
+    first step, every `every` steps and after the last: MLflow metrics at the step, and rows
+    of the trainer's log history (checkpointed with it, so a resumed run keeps them; export
+    writes them to plots/<stage>.json). SFT and the reward model are loaded once, frozen."""
+
+    def __init__(self, params: Params, every: int, count: int) -> None:
+        self.params, self.every, self.count = params, every, count
+        self.held: HeldOut | None = None
+        self.tokenizer: Any = None
+        self.logged_until = -1
+        self.last: dict[str, float] = {}
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        import mlflow
+
+        from tasks.tracking import logged_until
+
+        dev = kwargs["model"].device
+        frozen = dtype(self.params.model.dtype, dev)
+        self.tokenizer = load_tokenizer("sft", self.params.model, padding_side="left")
+        reference = load_causal_lm("sft", self.params.model, frozen).requires_grad_(False)
+        pad = self.tokenizer.pad_token_id
+        reward = TokenScorer(load_scorer("reward_model", self.params.model, frozen, pad))
+        self.held = held_out(
+            self.params,
+            self.count,
+            args.max_completion_length,
+            self.tokenizer,
+            reference.eval().to(dev),
+            reward.requires_grad_(False).eval().to(dev),
+        )
+        if state.is_world_process_zero:
+            self.logged_until = logged_until(mlflow.active_run().info.run_id)
+        if state.global_step == 0:  # a resumed run has this row in its restored history
+            self._evaluate(state, kwargs["model"])
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if due(state.global_step, self.every, state.max_steps):
+            self._evaluate(state, kwargs["model"])
+
+    def _evaluate(self, state: Any, model: Any) -> None:
+        import mlflow
+
+        assert self.held is not None  # loaded by on_train_begin
+        self.last = evaluate_held_out(model, self.tokenizer, self.held)
+        state.log_history.append({"step": state.global_step} | self.last)
+        if state.is_world_process_zero and state.global_step > self.logged_until:
+            mlflow.log_metrics(self.last, step=state.global_step)
 
 
 class Completions(TrainerCallback):
@@ -101,22 +157,15 @@ def _recorded(name: str, score: RewardFunction, table: Completions) -> RewardFun
 def _reward_model(params: Params) -> RewardFunction:
     """models/reward_model, frozen, on the text RewardTrainer trained it on (with its own
     tokenizer), normalised."""
-    from accelerate import PartialState
-
-    tokenizer = load_tokenizer("reward_model", params.model)
-    frozen = dtype(params.model.dtype, device(params.common.device))
-    scorer = load_scorer("reward_model", params.model, frozen, tokenizer.pad_token_id)
-    scorer = scorer.requires_grad_(False).eval().to(PartialState().device)  # this process's
+    score = text_scorer("reward_model", params)
     mean, std = score_stats(MODELS_DIR / "reward_model")
-    stop = {tokenizer.eos_token_id}
+    stop = {load_tokenizer("reward_model", params.model).eos_token_id}
 
     def reward_model(
         prompts: list[Any], completions: list[Any], completion_ids: list[list[int]], **_: Any
     ) -> list[float]:
         ended = [bool(ids) and ids[-1] in stop for ids in completion_ids]
-        texts = reward_texts(prompts, completions, tokenizer, ended)
-        scores = score_texts(scorer, tokenizer, texts)
-        return ((scores - mean) / max(std, 1e-6)).tolist()
+        return ((score(prompts, completions, ended) - mean) / max(std, 1e-6)).tolist()
 
     return reward_model
 

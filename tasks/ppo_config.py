@@ -77,6 +77,12 @@ class PPOConfig(Section):
     """Iterations between resumable checkpoints."""
     sample_every: int = Field(ge=1)
     """Iterations between sample-generation tables logged to MLflow."""
+    eval_every: int | None = Field(default=None, ge=1)
+    """Iterations between held-out evaluations of the policy (gold, proxy and KL to SFT: before
+    the first iteration, every eval_every iterations and after the last; tasks/heldout.py);
+    null: none."""
+    eval_prompts: int = Field(default=64, ge=1)
+    """Held-out prompts each of those evaluations answers (the first ones, greedy)."""
     lora: LoraConfig | None = None
     """LoRA for actor and critic; the reference and the reward model are then their bases with
     the adapters disabled (two base models in memory instead of four); null for full

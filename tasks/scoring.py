@@ -1,6 +1,6 @@
 """Reading generated sequences: which tokens are the response, where each row's positions start,
-the logits that predicted the response, and the reward model's score — shared by PPO (experience)
-and evaluate (judging), so neither imports the other.
+the logits that predicted the response, and the reward model's score — shared by PPO (experience),
+evaluate and the held-out evaluations during training (`judge`), so none imports another.
 
 Shapes: B rows, P prompt tokens (left-padded), T response tokens (right-padded after EOS). The
 prompt and the response are one sequence `[B, P + T]`; the logits at positions `P - 1 … P + T - 2`
@@ -10,6 +10,7 @@ predict the response tokens, so every per-token tensor is `[B, T]`.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -162,6 +163,27 @@ def score_texts(classifier: Any, tokenizer: Any, texts: list[str], batch_size: i
     return torch.cat(scores)
 
 
+def text_scorer(
+    model: str | Path, params: Any
+) -> Callable[[list[Any], list[Any], list[bool]], torch.Tensor]:
+    """A reward model (a stage name, a model directory or a hub id), frozen on this process's
+    device, scoring prompt + completion on the text RewardTrainer trains on, with its own
+    tokenizer: `(prompts, completions, ended) → [N]` raw scores."""
+    from accelerate import PartialState
+
+    from tasks.models import device, dtype, load_scorer, load_tokenizer
+
+    tokenizer = load_tokenizer(model, params.model)
+    frozen = dtype(params.model.dtype, device(params.common.device))
+    scorer = load_scorer(model, params.model, frozen, tokenizer.pad_token_id)
+    scorer = scorer.requires_grad_(False).eval().to(PartialState().device)  # this process's
+
+    def score(prompts: list[Any], completions: list[Any], ended: list[bool]) -> torch.Tensor:
+        return score_texts(scorer, tokenizer, reward_texts(prompts, completions, tokenizer, ended))
+
+    return score
+
+
 def score_stats(reward_model_dir: Path) -> tuple[float, float]:
     """(mean, std) of the reward model's eval scores, written by the reward_model stage."""
     path = reward_model_dir / REWARD_STATS
@@ -171,3 +193,26 @@ def score_stats(reward_model_dir: Path) -> tuple[float, float]:
         )
     stats = json.loads(path.read_text())
     return stats["reward_mean"], stats["reward_std"]
+
+
+def judge(
+    policy: Any,
+    reference: Any,
+    reward: Any,
+    sequences: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    stop_ids: list[int],
+) -> dict[str, torch.Tensor]:
+    """Per row of `[B, P+T]` sequences: reward score at the last valid token, exact KL to the
+    reference summed over the response (`Σ_t Σ_v π(v|s_t) log π(v|s_t)/π_ref(v|s_t)`),
+    length (EOS included) and EOS flag."""
+    responses = read_responses(sequences, prompt_mask, stop_ids)
+    mask = responses.mask
+    kl = torch.zeros(mask.shape[0])  # SFT and best-of-n judged by SFT: KL(π ‖ π) is 0 exactly
+    if reference is not policy:
+        inputs = (sequences, responses.attention_mask, responses.position_ids, mask.shape[1])
+        logp = torch.log_softmax(response_logits(policy, *inputs), dim=-1)
+        ref_logp = torch.log_softmax(response_logits(reference, *inputs), dim=-1)
+        kl = ((logp.exp() * (logp - ref_logp)).sum(dim=-1) * mask).sum(dim=1)
+    scores = final_scores(reward, sequences, responses)
+    return {"score": scores, "kl": kl, "length": mask.sum(dim=1), "eos": responses.has_eos.float()}

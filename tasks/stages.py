@@ -140,6 +140,7 @@ TRAINING = (
         "ppo",
         "ppo",
         "RLHF of the SFT policy against the reward model with our PPO (tasks/ppo/)",
+        reads=("data",),  # the gold of its held-out evaluations (tasks/heldout.py)
         dataset="prompts",
         start="sft",
         uses=("data/prepared/sft", "models/reward_model"),
@@ -173,6 +174,7 @@ TRAINING = (
         "trl",
         "group-relative policy optimisation of the SFT policy on the prompts, rewarded by the "
         "reward model and/or the ground truth (TRL GRPOTrainer)",
+        reads=("data",),
         dataset="prompts",
         start="sft",
         uses=("models/reward_model",),
@@ -187,6 +189,7 @@ TRAINING = (
         "trl",
         "REINFORCE leave-one-out of the SFT policy on the prompts, rewarded like grpo "
         "(TRL RLOOTrainer)",
+        reads=("data",),
         dataset="prompts",
         start="sft",
         uses=("models/reward_model",),

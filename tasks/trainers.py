@@ -188,11 +188,12 @@ def _trl_config(
 
 def _curve(log_history: list[dict[str, Any]]) -> list[dict[str, float]]:
     """The trainer's per-step training logs (loss, learning rate, DPO/SimPO reward margins and
-    accuracies, ...) for `dvc plots show`; evaluation and summary entries are left out."""
+    accuracies, ...) and the online stages' held-out rows (tasks/heldout.py) for `dvc plots
+    show`; evaluation and summary entries are left out."""
     return [
         {key: value for key, value in entry.items() if isinstance(value, (int, float))}
         for entry in log_history
-        if "loss" in entry and "train_runtime" not in entry
+        if ("loss" in entry or "heldout/kl" in entry) and "train_runtime" not in entry
     ]
 
 

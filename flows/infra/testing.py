@@ -57,11 +57,20 @@ _FEW_STEPS: dict[str, dict[str, Any]] = {  # stage kind → keys of the stage's 
         "best_of_n": [2],
     },
 }
-FAST: dict[str, Any] = SMALL | {
-    f"{spec.own_section}.{key}": value
-    for spec in STAGES
-    for key, value in _FEW_STEPS.get(spec.kind, {}).items()
-}
+FAST: dict[str, Any] = (
+    SMALL
+    | {
+        f"{spec.own_section}.{key}": value
+        for spec in STAGES
+        for key, value in _FEW_STEPS.get(spec.kind, {}).items()
+    }
+    | {  # held-out evaluations of ppo, grpo, rloo: at the first, a middle and the last step
+        f"{spec.name}.{key}": value
+        for spec in STAGES
+        if spec.online or spec.kind == "ppo"
+        for key, value in {"eval_every": 2, "eval_prompts": 8}.items()
+    }
+)
 """SMALL, and every stage trains only a few steps (checkpoints and samples at each PPO
 iteration): the whole pipeline in minutes. From the registry: a new stage is covered."""
 

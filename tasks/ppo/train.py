@@ -26,6 +26,7 @@ from trl.trainer.utils import entropy_from_logits  # chunked: faster than one pa
 from tasks.catalog import record_run
 from tasks.errors import TrainingDiverged, stop_if_signalled
 from tasks.generation import generation_kwargs
+from tasks.heldout import HeldOut, due, evaluate_held_out, held_out
 from tasks.io import atomic_dir, write_json
 from tasks.models import device, dtype, load_tokenizer
 from tasks.params import Params
@@ -246,14 +247,26 @@ def train_ppo(params: Params) -> dict[str, float]:
     """Run (or resume) the PPO iterations; write models/ppo/ and plots/ppo.json; summary metrics."""
     cfg = params.ppo
     run = setup(params)
+    held = None
+    if cfg.eval_every is not None:  # judged with the run's own reference and reward model
+        held = held_out(
+            params,
+            cfg.eval_prompts,
+            cfg.max_new_tokens,
+            run.tokenizer,
+            run.reference,
+            run.reward,
+            synced_gpus=run.sharded,
+        )
     start = time.perf_counter()
     for iteration in range(run.iteration, cfg.num_iterations):
         stop_if_signalled()  # a SIGTERM whose exception library code swallowed
+        probe = _held_out_metrics(run, held, iteration)  # the policy this rollout samples
         began = time.perf_counter()
         experience, stats = rollout(run, iteration)
         stats |= update(run, experience, iteration)
         stats["time/episodes_per_s"] = cfg.rollout_batch_size / (time.perf_counter() - began)
-        stats = mean_over_ranks(run, stats, iteration)
+        stats = mean_over_ranks(run, stats, iteration) | probe
         if cfg.adaptive_kl is not None:  # every process steers with the same (mean) KL
             run.kl_coef = adaptive_kl_coef(
                 run.kl_coef,
@@ -274,16 +287,44 @@ def train_ppo(params: Params) -> dict[str, float]:
                 "critic_scheduler": run.critic_scheduler.state_dict(),
             }
             save_checkpoint(run.accelerator, run.state_dir, state, run.shards)
+    final = _held_out_metrics(run, held, cfg.num_iterations)  # the trained policy
     metrics = _summary(run.history) | {"train_runtime_s": time.perf_counter() - start}
+    if final:  # the trained policy's gold, proxy and KL, and what judging cost in all
+        judged = [*run.history, final]
+        metrics |= {key.replace("/", "_"): final[key] for key in final if key.startswith("heldout")}
+        metrics["heldout_s"] = sum(row.get("time/heldout_s", 0.0) for row in judged)
     policy = unsharded_policy(run)  # FSDP: gathered to rank 0, with every process
     check_replicas(run, policy)
     if run.accelerator.is_main_process:
+        if final and cfg.num_iterations > run.logged_until:
+            mlflow.log_metrics(final, step=cfg.num_iterations)
         _save_policy(run, policy)
-        write_json(
-            PLOTS_DIR / "ppo.json", [{"iteration": i} | row for i, row in enumerate(run.history)]
-        )
+        rows = [{"iteration": i} | row for i, row in enumerate(run.history)]
+        rows += [{"iteration": cfg.num_iterations} | final] if final else []
+        write_json(PLOTS_DIR / "ppo.json", rows)
         shutil.rmtree(run.checkpoints, ignore_errors=True)  # finished: nothing left to resume
     return metrics
+
+
+def _held_out_metrics(run: PPORun, held: HeldOut | None, step: int) -> dict[str, float]:
+    """When due, gold, proxy and KL of the policy after `step` iterations on the held-out
+    prompts (tasks/heldout.py), and what they cost; {} otherwise. Every process judges the
+    same prompts (FSDP needs them all in each forward; under DDP it costs no wall time)."""
+    cfg = run.params.ppo
+    if held is None or cfg.eval_every is None or not due(step, cfg.eval_every, cfg.num_iterations):
+        return {}
+    began = time.perf_counter()
+    with run.accelerator.autocast():
+        metrics = evaluate_held_out(run.accelerator.unwrap_model(run.actor), run.tokenizer, held)
+    if run.accelerator.is_main_process:
+        log.info(
+            "ppo: held-out after %d iterations  proxy %.3f  gold %.3f  kl %.3f",
+            step,
+            metrics["heldout/proxy"],
+            metrics.get("heldout/gold", float("nan")),
+            metrics["heldout/kl"],
+        )
+    return metrics | {"time/heldout_s": time.perf_counter() - began}
 
 
 def _report(run: PPORun, stats: dict[str, float], experience: Experience, began: float) -> None:

@@ -7,6 +7,7 @@ models/reward_model = a 1-label classifier on it (tests/integration/test_ppo_sta
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -121,7 +122,8 @@ def test_bad_setting_is_one_line_and_leaves_nothing(
 def test_interrupted_run_resumes_from_its_checkpoint(
     inputs: Path, workdir: Path, make_params, stage: str
 ):
-    params = load_params(make_params(overrides(stage)))
+    held_out = {f"{stage}.eval_every": 2, f"{stage}.eval_prompts": 8}  # after 0, 2 and 4 steps
+    params = load_params(make_params(overrides(stage, **held_out)))
     copy_inputs(inputs, workdir)
     with checkpoint_saves(interrupt=True) as saved, pytest.raises(Interrupted):
         stage_flow(stage)(params)
@@ -130,12 +132,25 @@ def test_interrupted_run_resumes_from_its_checkpoint(
     assert not (workdir / "models" / stage).exists()
 
     with checkpoint_saves() as saved, tasks_log() as log:
-        stage_flow(stage)(params)
+        metrics = stage_flow(stage)(params)
     assert any(f"resuming from checkpoints/{stage}/checkpoint-2" in m for m in log), log
     assert saved == [4]
     (run,) = stage_runs(workdir, stage)  # the interrupted run, continued
     assert run.info.status == "FINISHED"
     assert steps(workdir, run, "reward") == [1, 2, 3, 4]  # whole, no step twice
+    # held-out gold, proxy and KL: 0 and 2 before the kill (kept in the checkpoint), 4 after
+    rows = json.loads((workdir / "plots" / f"{stage}.json").read_text())
+    judged = [r for r in rows if "heldout/kl" in r]
+    assert [r["step"] for r in judged] == [0, 2, 4]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]
+    assert judged[0]["heldout/kl"] == pytest.approx(0.0, abs=1e-5)  # SFT, before any step
+    assert all(0.0 <= r["heldout/gold"] <= 1.0 for r in judged)
+    client = mlflow_client(workdir)
+    for key in ("heldout/proxy", "heldout/gold", "heldout/kl"):
+        assert steps(workdir, run, key) == [0, 2, 4], key
+        logged = {m.step: m.value for m in client.get_metric_history(run.info.run_id, key)}
+        assert [logged[r["step"]] for r in judged] == pytest.approx([r[key] for r in judged])
+        assert metrics[key.replace("/", "_")] == pytest.approx(judged[-1][key])
     assert (workdir / "models" / stage / "model.safetensors").is_file()
     assert not (workdir / "checkpoints" / stage).exists()
     assert leftovers(workdir, "models", "metrics") == []

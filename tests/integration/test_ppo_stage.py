@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import torch
 
-from flows.infra.testing import SMALL
+from flows.infra.testing import SMALL, write_params
 from tasks.errors import TrainingDiverged
 from tasks.params import load_params
 from tests.conftest import (
@@ -42,7 +42,11 @@ PPO = {
     "ppo.checkpoint_every": 2,
     "ppo.sample_every": 2,
     "ppo.ptx_batch_size": 4,
+    "ppo.eval_every": 3,  # held-out evaluations after 0, 3 and 4 (the last) iterations
+    "ppo.eval_prompts": 8,
 }
+HELDOUT_STEPS = [0, 3, 4]
+HELDOUT = ("heldout/proxy", "heldout/gold", "heldout/kl")
 OVERRIDES = SMALL | PPO
 INPUTS = ("data/prepared", "models/base", "models/sft", "models/reward_model")
 PPO_DIRS = ("models", "metrics", "checkpoints/ppo")  # where a write may leave temp entries
@@ -73,9 +77,21 @@ SUMMARY = {
     "episodes_per_second",
     "peak_rss_mb",
     "train_runtime_s",
+    "heldout_proxy",
+    "heldout_gold",
+    "heldout_kl",
+    "heldout_s",
 }
 # Summary values that depend only on the trajectory, not on timing or memory.
-TRAJECTORY = ("score_first_quarter", "score_last_quarter", "kl_last_quarter", "kl_final")
+TRAJECTORY = (
+    "score_first_quarter",
+    "score_last_quarter",
+    "kl_last_quarter",
+    "kl_final",
+    "heldout_proxy",
+    "heldout_gold",
+    "heldout_kl",
+)
 
 
 # ---------------------------------------------------------------- helpers
@@ -312,9 +328,19 @@ def test_stage_writes_outputs_and_logs_every_iteration(uninterrupted, tmp_path: 
     assert written == pytest.approx(metrics)
     assert all(math.isfinite(v) for v in written.values()), written
 
-    # the plots file dvc.yaml declares: one row per iteration, consistent with the summary
-    rows = curve(root)
+    # the plots file dvc.yaml declares: one row per iteration, consistent with the summary,
+    # held-out gold/proxy/KL in the rows of 0 and 3 iterations done and a row for the last
+    everything = curve(root)
+    rows = [r for r in everything if "objective/scores" in r]
     assert [int(r["iteration"]) for r in rows] == list(range(ITERATIONS))
+    judged = [r for r in everything if "heldout/kl" in r]
+    assert [int(r["iteration"]) for r in judged] == HELDOUT_STEPS
+    assert all(set(HELDOUT) <= set(r) for r in judged)
+    assert all(0.0 <= r["heldout/gold"] <= 1.0 and r["heldout/kl"] >= 0.0 for r in judged)
+    assert judged[0]["heldout/kl"] == pytest.approx(0.0, abs=1e-5)  # SFT itself, before training
+    assert judged[-1]["heldout/kl"] > 0.0
+    for key in HELDOUT:
+        assert written[key.replace("/", "_")] == pytest.approx(judged[-1][key], rel=1e-5, abs=1e-6)
     assert set(ITERATION_METRICS) <= set(rows[0])
     assert written["score_first_quarter"] == pytest.approx(
         float(rows[0]["objective/scores"]), rel=1e-5, abs=1e-6
@@ -337,6 +363,10 @@ def test_stage_writes_outputs_and_logs_every_iteration(uninterrupted, tmp_path: 
         for step, row in enumerate(rows):
             assert logged[step] == pytest.approx(float(row[key]), rel=1e-5, abs=1e-6), key
     assert {k: run.data.metrics[k] for k in written} == pytest.approx(written)
+    for key in HELDOUT:
+        logged = history(root, run, key)
+        assert sorted(logged) == HELDOUT_STEPS, key
+        assert [logged[s] for s in HELDOUT_STEPS] == pytest.approx([r[key] for r in judged]), key
 
     # sample tables: every sample_every iterations (indices 1 and 3), and the final policy's
     store = mlflow_client(root)
@@ -354,6 +384,28 @@ def test_stage_writes_outputs_and_logs_every_iteration(uninterrupted, tmp_path: 
         # the table holds the rollout's episodes: their mean score is the logged metric
         mean = sum(row[3] for row in table["data"]) / len(table["data"])
         assert mean == pytest.approx(scores[step], rel=1e-5, abs=1e-6)
+
+
+def test_the_last_held_out_evaluation_judges_the_written_policy(
+    uninterrupted, monkeypatch: pytest.MonkeyPatch
+):
+    """The last held-out row is models/ppo judged afresh against models/sft and the reward
+    model: the stage evaluated the policy it wrote, greedy, at its own response length."""
+    from tasks.generation import load_policy
+    from tasks.heldout import evaluate_held_out, held_out
+    from tasks.models import load_scorer
+    from tasks.scoring import TokenScorer
+
+    root, metrics = uninterrupted
+    monkeypatch.chdir(root)
+    params = load_params(write_params(root / "params.yaml", OVERRIDES))
+    policy, tokenizer = load_policy("ppo", params)
+    reference = load_policy("sft", params)[0]
+    reward = load_scorer("reward_model", params.model, torch.float32, tokenizer.pad_token_id)
+    held = held_out(params, 8, PPO["ppo.max_new_tokens"], tokenizer, reference, TokenScorer(reward))
+    again = evaluate_held_out(policy, tokenizer, held)
+    for key in HELDOUT:
+        assert again[key] == pytest.approx(metrics[key.replace("/", "_")], rel=1e-4, abs=1e-5)
 
 
 # ---------------------------------------------------------------- interrupt and resume
@@ -418,11 +470,14 @@ def test_resumed_run_ends_where_an_uninterrupted_run_ends(
     assert set(written) == SUMMARY
     for key in TRAJECTORY:
         assert written[key] == pytest.approx(reference_metrics[key], rel=1e-4, abs=1e-5), key
-    rows = curve(workdir)  # the history of the killed run survived the restart
-    assert [int(r["iteration"]) for r in rows] == list(range(ITERATIONS))
-    assert [r["objective/scores"] for r in rows] == pytest.approx(
-        [r["objective/scores"] for r in curve(reference_root)], rel=1e-4, abs=1e-5
-    )
+    rows, reference = curve(workdir), curve(reference_root)  # the killed run's history survived
+    assert [int(r["iteration"]) for r in rows] == [*range(ITERATIONS), ITERATIONS]
+    for key in ("objective/scores", *HELDOUT):
+        got, expected = ({r["iteration"]: r[key] for r in c if key in r} for c in (rows, reference))
+        assert got == pytest.approx(expected, rel=1e-4, abs=1e-5), key
+    for key in HELDOUT:  # the evaluation at 0 before the kill, 3 and 4 after it, each once
+        logged = client.get_metric_history(resumed.info.run_id, key)
+        assert sorted(m.step for m in logged) == HELDOUT_STEPS, key
     assert not (workdir / "checkpoints" / "ppo").exists()
 
 

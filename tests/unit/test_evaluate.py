@@ -1,5 +1,5 @@
 """Unit tests for the evaluate stage's pure parts: `compare`, `best_policy`, `samples_table` and
-`write_report` on handmade answers, `check_policies`'s error, and `_judge` (reward score, exact KL
+`write_report` on handmade answers, `check_policies`'s error, and `judge` (reward score, exact KL
 to the reference, length, EOS) against brute-force per-row recomputations on tiny random Llamas."""
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ import torch
 from torch.testing import assert_close
 
 from tasks.errors import MissingInput
-from tasks.evaluate import METRICS, _judge, best_policy, check_policies, compare, samples_table
+from tasks.evaluate import METRICS, best_policy, check_policies, compare, samples_table
 from tasks.report import LEGEND, plot_rows, write_report
-from tasks.scoring import TokenScorer
+from tasks.scoring import TokenScorer, judge
 from tasks.synthetic import ground_truth
 from tests.tiny import EOS, MAX_NEW, PAD, random_prompts
 
@@ -305,7 +305,7 @@ def test_listed_but_missing_policy_is_a_clear_error(tmp_path: Path, monkeypatch)
     assert str(caught.value) == "models/reward_model: no model; run `dvc repro reward_model`"
 
 
-# ----------------------------------------------------------------------------- _judge
+# ----------------------------------------------------------------------------- judge
 
 
 JUDGE_CASES = {"pad": (PAD, [EOS]), "pad_is_eos_two_stops": (EOS, [EOS, 7])}
@@ -354,7 +354,7 @@ def test_judge_brute_force(
     generated: dict[str, Any], lm: Any, other_lm: Any, reward_classifier: Any
 ) -> None:
     with torch.no_grad():
-        judged = _judge(
+        judged = judge(
             lm,
             other_lm,
             TokenScorer(reward_classifier),
@@ -390,7 +390,7 @@ def test_judge_kl_is_exactly_zero_against_itself(
     generated: dict[str, Any], lm: Any, reward_classifier: Any
 ) -> None:
     with torch.no_grad():
-        judged = _judge(
+        judged = judge(
             lm,
             lm,
             TokenScorer(reward_classifier),

@@ -9,40 +9,14 @@ import json
 from pathlib import Path
 
 import mlflow
-import pytest
 import torch
 from torch.testing import assert_close
 
-from tasks.models import build_tiny, load_scorer, load_tokenizer
+from tasks.models import load_scorer
 from tasks.online import Completions, reward_functions
 from tasks.params import load_params
 from tasks.synthetic import ground_truth
-
-PROMPTS = ["What is 1 plus 2?\n", "Compute 3 minus 1.\n", "Tell me 2 plus 2.\n"]
-COMPLETIONS = [
-    "Sure! The answer is 3. Hope this helps!",
-    "2.",
-    "Of course! The answer is 5. Have a nice day!",
-]
-STATS = {"reward_mean": 0.25, "reward_std": 2.0}
-
-
-@pytest.fixture
-def reward_model(workdir: Path, make_params) -> tuple[object, object]:
-    """models/base (the tiny tokenizer + model) and models/reward_model (a 1-label classifier on
-    it with a random head, its score statistics) in the working directory → (params, tokenizer)."""
-    params = load_params(make_params({"model.tiny.hidden_size": 16, "model.tiny.num_heads": 2}))
-    base = workdir / "models" / "base"
-    build_tiny(params.model, 0, [*PROMPTS, *COMPLETIONS] * 10, base)
-    tokenizer = load_tokenizer("base", params.model)
-    scorer = load_scorer("base", params.model, torch.float32, tokenizer.pad_token_id)
-    torch.manual_seed(1)
-    with torch.no_grad():
-        scorer.score.weight.normal_(0.0, 1.0)
-    scorer.save_pretrained(workdir / "models" / "reward_model")
-    tokenizer.save_pretrained(workdir / "models" / "reward_model")
-    (workdir / "models" / "reward_model" / "reward_stats.json").write_text(json.dumps(STATS))
-    return params, tokenizer
+from tests.unit.conftest import COMPLETIONS, PROMPTS, STATS
 
 
 def test_reward_model_reward_is_its_score_on_the_training_text(reward_model) -> None:
