@@ -13,6 +13,7 @@ from tasks.evaluate import (
     samples_table,
 )
 from tasks.generation import eval_prompts
+from tasks.heldout import gold_scorer
 from tasks.io import atomic_dir, write_json
 from tasks.params import Params
 from tasks.report import plot_rows, write_report
@@ -30,7 +31,8 @@ def evaluate(params: Params) -> dict[str, float]:
         policies = [*cfg.policies, *(f"{BEST_OF}{n}" for n in cfg.best_of_n)]
         answers = {policy: answer(policy, params) for policy in policies}
         synthetic = params.data.source == "synthetic"
-        metrics = compare(answers, prompts, synthetic)
+        gold = gold_scorer(params) if params.data.gold_reward_model else None  # a second RM
+        metrics = compare(answers, prompts, synthetic, gold)
         best = best_policy(metrics)
         samples = samples_table(answers, prompts, cfg.num_samples_logged, synthetic)
         with atomic_dir(REPORTS_DIR) as reports:  # renamed into place only if publishing worked

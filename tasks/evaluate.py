@@ -19,6 +19,7 @@ from prefect.cache_policies import NO_CACHE
 
 from tasks.errors import MissingInput
 from tasks.generation import decode_responses, eval_prompts, generate, load_policy, render_prompts
+from tasks.heldout import GoldScorer
 from tasks.models import dtype, load_scorer, locate
 from tasks.params import Params
 from tasks.scoring import TokenScorer, judge, stop_ids
@@ -109,10 +110,14 @@ def answer(policy: str, params: Params) -> dict[str, list[Any]]:
 
 
 def compare(
-    answers: dict[str, dict[str, list[Any]]], prompts: list[Any], synthetic: bool
+    answers: dict[str, dict[str, list[Any]]],
+    prompts: list[Any],
+    synthetic: bool,
+    gold: GoldScorer | None = None,
 ) -> dict[str, dict[str, float]]:
     """`{policy: {metric: value}}` with the keys of METRICS (the ground truth's score and its
-    parts — which quality a policy gained — only when the task has one: the synthetic one)."""
+    parts — which quality a policy gained — only when the task has one: the synthetic one), and
+    `gold_reward`, the mean score of a gold reward model (`data.gold_reward_model`), with one."""
     from tasks.synthetic import ground_truth
 
     sft_scores = torch.tensor(answers["sft"]["score"])
@@ -133,13 +138,21 @@ def compare(
             for part in judged[0]:  # score, and the parts it averages: correct, polite
                 mean = sum(truth[part] for truth in judged) / len(judged)
                 metrics[policy][f"ground_truth_{part}"] = mean
+        if gold is not None:
+            ended = [eos > 0 for eos in rows["eos"]]
+            metrics[policy]["gold_reward"] = sum(gold(prompts, rows["response"], ended)) / len(
+                ended
+            )
     return metrics
 
 
 def best_policy(metrics: dict[str, dict[str, float]]) -> str:
-    """Highest ground-truth score when there is one (ties: higher reward), else highest reward;
-    among trained policies only (best-of-n needs the reward model at inference: no one model)."""
-    key = "ground_truth_score" if "ground_truth_score" in metrics["sft"] else "reward_mean"
+    """Highest ground-truth score when there is one (ties: higher reward), else highest gold
+    reward-model score, else highest reward; among trained policies only (best-of-n needs the
+    reward model at inference: no one model)."""
+    key = next(
+        k for k in ("ground_truth_score", "gold_reward", "reward_mean") if k in metrics["sft"]
+    )
     trained = sorted(p for p in metrics if not p.startswith(BEST_OF))
     return max(trained, key=lambda p: (metrics[p][key], metrics[p]["reward_mean"]))
 

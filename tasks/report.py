@@ -10,6 +10,7 @@ LEGEND = {
     "ground_truth_score": "the task's own scorer, 0–1 (synthetic: the mean of the next two)",
     "ground_truth_correct": "fraction of responses whose answer is right",
     "ground_truth_polite": "fraction of responses that open and close politely",
+    "gold_reward": "mean score of the gold reward model (data.gold_reward_model)",
     "reward_mean": "mean reward-model score of the responses",
     "reward_std": "spread of those scores",
     "win_rate_vs_sft": "fraction of prompts where the reward model prefers this policy to SFT",

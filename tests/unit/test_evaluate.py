@@ -399,3 +399,21 @@ def test_judge_kl_is_exactly_zero_against_itself(
             generated["stop"],
         )
     assert torch.equal(judged["kl"], torch.zeros_like(judged["kl"]))
+
+
+def test_a_gold_reward_model_is_compared_and_picks_the_best_policy() -> None:
+    """`gold_reward`: the gold scorer's mean over each policy's responses, told which ended;
+    without a ground truth it, not the proxy, picks the best policy."""
+    seen = []
+
+    def gold(prompts: list, responses: list, ended: list) -> list[float]:
+        seen.append(ended)
+        return [-float(len(r)) for r in responses]  # shorter is better, say
+
+    metrics = compare(ANSWERS, PROMPTS, synthetic=False, gold=gold)
+    for policy, rows in ANSWERS.items():
+        lengths = [len(r) for r in rows["response"]]
+        assert metrics[policy]["gold_reward"] == pytest.approx(-sum(lengths) / len(lengths))
+    assert seen == [[eos > 0 for eos in rows["eos"]] for rows in ANSWERS.values()]
+    assert best_policy(compare(ANSWERS, PROMPTS, synthetic=False)) == "ppo"  # by the proxy
+    assert best_policy(metrics) == "dpo"  # by the gold: the shortest answers
