@@ -14,6 +14,7 @@ every `sample_every` steps: TRL's own completion logs go to wandb/trackio, not M
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -48,8 +49,10 @@ def train_online(stage: str, params: Params) -> dict[str, float]:
         reward_funcs=reward_functions(stage, params, table),
         callbacks=[table, *([probe] if probe else [])],
     )
-    final = probe.last if probe else {}
-    return metrics | {key.replace("/", "_"): value for key, value in final.items()}
+    if probe is None:
+        return metrics
+    final = {key.replace("/", "_"): value for key, value in probe.last.items()}
+    return metrics | final | {"heldout_s": probe.seconds}
 
 
 class HeldOutEvaluation(TrainerCallback):
@@ -63,7 +66,8 @@ class HeldOutEvaluation(TrainerCallback):
         self.held: HeldOut | None = None
         self.tokenizer: Any = None
         self.logged_until = -1
-        self.last: dict[str, float] = {}
+        self.last: dict[str, float] = {}  # the latest evaluation's heldout/* metrics
+        self.seconds = 0.0  # what this process's evaluations took
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         import mlflow
@@ -97,10 +101,14 @@ class HeldOutEvaluation(TrainerCallback):
         import mlflow
 
         assert self.held is not None  # loaded by on_train_begin
+        began = time.perf_counter()
         self.last = evaluate_held_out(model, self.tokenizer, self.held)
-        state.log_history.append({"step": state.global_step} | self.last)
+        seconds = time.perf_counter() - began
+        self.seconds += seconds
+        row = self.last | {"time/heldout_s": seconds}
+        state.log_history.append({"step": state.global_step} | row)
         if state.is_world_process_zero and state.global_step > self.logged_until:
-            mlflow.log_metrics(self.last, step=state.global_step)
+            mlflow.log_metrics(row, step=state.global_step)
 
 
 class Completions(TrainerCallback):
