@@ -51,13 +51,15 @@ TRAIN = (
 )
 # Expected keys of metrics/<stage>.json besides the spec's summary: what `train` adds per stage
 # (test_every_trl_stage_has_expectations: one entry per TRL stage).
+# The last held-out evaluation (tasks/heldout.py, on by default) and what they all took.
+HELDOUT_KEYS = ("heldout_proxy", "heldout_gold", "heldout_kl", "heldout_s")
 EXTRA_KEYS = {
     "sft": {"eval_perplexity", "train_tokens_per_second"},
     "reward_model": {"reward_mean", "reward_std", "train_tokens_per_second"},
     "dpo": {"train_tokens_per_second"},
     "simpo": set(),  # CPOTrainer counts no tokens: no throughput
-    "grpo": {"train_tokens_per_second", "eval_rewards/reward_model"},
-    "rloo": {"train_tokens_per_second", "eval_rewards/reward_model"},
+    "grpo": {"train_tokens_per_second", "eval_rewards/reward_model", *HELDOUT_KEYS},
+    "rloo": {"train_tokens_per_second", "eval_rewards/reward_model", *HELDOUT_KEYS},
 }
 ONLINE_STEP_KEYS = {"loss", "learning_rate", "grad_norm", "reward", "reward_std", "kl"}
 # Per-step metrics the trainer's MLflow callback logs (at steps 1..STEPS into the stage's run).
