@@ -186,9 +186,10 @@ def test_kill_9_then_dvc_repro_resumes_in_the_same_run(
     )
     assert again.returncode == 0, again.stderr.decode()[-3000:]
     uninterrupted = json.loads((repo / "plots" / f"{stage}.json").read_text())
-    assert len(resumed) == len(uninterrupted)
+    assert [sorted(row) for row in resumed] == [sorted(row) for row in uninterrupted]
     for a, b in zip(resumed, uninterrupted, strict=True):
-        assert a[key] == pytest.approx(b[key], rel=1e-3, abs=1e-5)
+        if key in a:  # ppo's last row holds only the held-out evaluation of the final policy
+            assert a[key] == pytest.approx(b[key], rel=1e-3, abs=1e-5)
 
 
 def test_sigterm_stops_keeps_the_checkpoint_and_a_damaged_one_is_discarded(repo: Path):
