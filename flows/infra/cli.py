@@ -152,9 +152,12 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:  # already phrased for the user: one line
         if args.debug:
             raise
-        if not (isinstance(exc, TrainingDiverged) and int(os.environ.get("RANK", "0")) > 0):
+        diverged = isinstance(exc, TrainingDiverged)
+        if not (diverged and int(os.environ.get("RANK", "0")) > 0):
             # (every rank stops on a divergence together: rank 0 says it once)
             print(f"rlhf: error: {_located(exc, getattr(args, 'params', None))}", file=sys.stderr)
+        if diverged:
+            _all_ranks_stopped()
         return 1
     except KeyboardInterrupt:
         print("rlhf: interrupted", file=sys.stderr)
@@ -172,6 +175,17 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
+
+
+def _all_ranks_stopped() -> None:
+    """Under torchrun every rank raises the divergence in the same step. The first to exit
+    has torchrun SIGTERM the others: rank 1, with nothing to say, would cut rank 0 off before
+    it ended its MLflow run as FAILED and said why. So no rank leaves before all got here (a
+    rank that died instead has torchrun stop this one)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
 
 
 def _terminate(signum: int, _: Any) -> None:

@@ -1,29 +1,49 @@
-"""Run under `torchrun --nproc_per_node 2`: a NaN loss on rank 1 only must stop both ranks in
-PPO's finiteness check (tasks/ppo/train.py), instead of leaving rank 0 in the next collective.
-Each rank prints `rank R: stopped: <message>` or `rank R: went on`."""
+"""Inputs where a NaN meets one rank of a `torchrun --nproc_per_node 2` PPO, in one iteration
+(test_faults.py): the real stage must stop both ranks with the same error."""
 
 from __future__ import annotations
 
-import sys
+import json
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
-import torch
-from accelerate import Accelerator
+from tasks.params import Params
 
-from tasks.errors import TrainingDiverged
-from tasks.ppo.train import _check_finite
-
-accelerator = Accelerator(cpu=True)
-run = SimpleNamespace(  # the fields of a PPORun the check reads
-    accelerator=accelerator, checkpoints=Path("checkpoints/ppo"), state_dir=Path("none")
+POISON = (
+    "@"  # a byte no synthetic text holds: a token of its own (the byte-level alphabet), no merge
 )
-rank = accelerator.process_index
-loss = torch.tensor(float("nan") if rank == 1 else 0.5)
-try:
-    _check_finite(run, "actor loss", loss, 3)
-    accelerator.wait_for_everyone()  # where a rank that went on would wait for ever
-    print(f"rank {rank}: went on", flush=True)
-except TrainingDiverged as exc:
-    print(f"rank {rank}: stopped: {exc}", flush=True)
-    sys.exit(1)
+
+
+def poison_one_prompt(repo: Path, work: Path, params: Params) -> None:
+    """In `work`, PPO's inputs copied from `repo`, where the reward model (and so the critic,
+    which starts from it) computes NaN on the POISON token: one training prompt of 64 carries
+    it, and the actor never samples it (its generation config suppresses it). With 16 prompts
+    per rank and iteration, 64 prompts are 2 iterations of 2 ranks, each prompt drawn once, by
+    one rank: the poisoned one is the first that rank 1 draws in iteration 1, as PPO's own
+    `prompt_batch` draws them."""
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoTokenizer
+
+    from tasks.ppo.train import prompt_batch
+
+    for rel in ("data/prepared", "models/sft", "models/reward_model"):
+        shutil.copytree(repo / rel, work / rel)
+    tokenizer = AutoTokenizer.from_pretrained(work / "models" / "sft")
+    (token,) = tokenizer(POISON)["input_ids"]
+    prompts = work / "data" / "prepared" / "prompts" / "train.jsonl"
+    rows = [json.loads(line) for line in prompts.read_text().splitlines()][:64]
+    assert len(rows) == 64 and not any(POISON in row["prompt"] for row in rows)
+    rank_1 = SimpleNamespace(num_processes=2, process_index=1)
+    draws = SimpleNamespace(params=params, prompts=list(range(64)), accelerator=rank_1)
+    (poisoned, *_) = prompt_batch(draws, 1)  # type: ignore[arg-type]
+    rows[poisoned]["prompt"] = rows[poisoned]["prompt"].rstrip("\n") + f" {POISON}\n"
+    prompts.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    weights = work / "models" / "reward_model" / "model.safetensors"
+    tensors = load_file(weights)
+    (embedding,) = [name for name in tensors if name.endswith("embed_tokens.weight")]
+    tensors[embedding][token] = float("nan")
+    save_file(tensors, weights, metadata={"format": "pt"})
+    generation = work / "models" / "sft" / "generation_config.json"
+    config = json.loads(generation.read_text())
+    generation.write_text(json.dumps(config | {"suppress_tokens": [token]}))

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
 import signal
 import sqlite3
@@ -22,6 +21,7 @@ import pytest
 from flows.infra.deployment import BIN
 from flows.infra.testing import write_params
 from tasks.params import load_params
+from tests.service.nan_on_one_rank import poison_one_prompt
 
 pytestmark = [pytest.mark.service, pytest.mark.slow]
 
@@ -232,12 +232,14 @@ def test_a_killed_dvc_repro_takes_its_stage_with_it(repo: Path):
     assert not [r for r in runs(repo) if r.info.status == "RUNNING"]
 
 
-def torchrun(repo: Path, stage: str, *args: str) -> list[str]:
-    """`torchrun --nproc_per_node 2` of a stage: two CPU processes over gloo, a thread each."""
+def torchrun(repo: Path, stage: str, *args: str, tee: bool = False) -> list[str]:
+    """`torchrun --nproc_per_node 2` of a stage: two CPU processes over gloo, a thread each;
+    `tee`: each rank's lines prefixed `[default<rank>]:`."""
     return [
         str(BIN / "torchrun"),
         "--nproc_per_node",
         "2",
+        *(["--tee", "3"] if tee else []),
         "-m",
         "flows.infra.cli",
         "stage",
@@ -293,20 +295,39 @@ def test_sft_under_torchrun_is_one_finished_run(repo: Path):
     assert (repo / "models" / "sft" / "model.safetensors").is_file()
 
 
-def test_a_nan_on_one_rank_stops_both_in_the_same_step(tmp_path: Path):
-    script = Path(__file__).with_name("nan_on_one_rank.py")
+def test_a_nan_on_one_rank_stops_both_in_the_same_step(repo: Path, tmp_path: Path):
+    """Real PPO (`rlhf stage ppo`) under `torchrun --nproc_per_node 2`: only rank 1 draws the
+    poisoned prompt (iteration 1) and gets a NaN score; both ranks must stop with the same error
+    in the same iteration. A rank that went on would wait in the next collective until torchrun,
+    seeing the other exit, killed it: it would never report the NaN itself."""
+    params = write_params(
+        tmp_path / "params.yaml",
+        {"ppo.num_iterations": 2, "ppo.rollout_batch_size": 16, "ppo.eval_every": None},
+        base=repo / "params.yaml",
+    )
+    poison_one_prompt(repo, tmp_path, load_params(params))
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     done = subprocess.run(
-        [str(BIN / "torchrun"), "--nproc_per_node", "2", str(script)],
+        torchrun(repo, "ppo", "--params", str(params), tee=True),
         cwd=tmp_path,
-        env=os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(script.parents[2])},
+        env=environment(repo) | {"OMP_NUM_THREADS": "1", "MLFLOW_TRACKING_URI": store},
         capture_output=True,
         text=True,
-        timeout=300,  # a rank left waiting in a collective would hang until this
+        timeout=600,  # a rank left waiting in a collective would hang until this
     )
-    assert done.returncode != 0
-    for rank in (0, 1):
-        assert f"rank {rank}: stopped: ppo: iteration 3: non-finite actor loss" in done.stdout
-    assert "went on" not in done.stdout
+    output = done.stdout + done.stderr
+    (tmp_path / "torchrun.log").write_text(output)
+    assert done.returncode != 0, output[-3000:]
+    # Rank 0 drew clean prompts: it stops because rank 1 saw the NaN, and it says so once, after
+    # ending the run as FAILED (torchrun stops every rank once one has exited: `--tee 3` prefixes
+    # each rank's lines with [default<rank>]:).
+    errors = re.findall(r"^\[default(\d)\]:rlhf: error: (ppo: iteration \d+: [^;]+);", output, re.M)
+    assert errors == [("0", "ppo: iteration 1: non-finite reward-model score")], output[-6000:]
+    assert "stopped by SIGTERM" not in output, output[-6000:]
+    assert not (tmp_path / "models" / "ppo").exists()
+    client = mlflow.MlflowClient(tracking_uri=store)
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert run.info.status == "FAILED"
 
 
 def test_ppo_under_torchrun_resumes_after_a_kill(repo: Path):
