@@ -23,6 +23,7 @@ from tasks.heldout import GoldScorer
 from tasks.models import dtype, load_scorer, locate
 from tasks.params import Params
 from tasks.scoring import TokenScorer, judge, stop_ids
+from tasks.stages import BEST_OF
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +49,6 @@ def check_policies(policies: list[str]) -> None:
         except MissingInput as exc:
             hint = f" (or remove '{policy}' from evaluate.policies)" if policy in policies else ""
             raise MissingInput(f"{exc}{hint}") from None
-
-
-BEST_OF = "bon@"
-"""Prefix of the best-of-n policies: `bon@4` is SFT's best of 4 samples by the reward model."""
 
 
 def base_policy(policy: str) -> str:

@@ -1,9 +1,12 @@
-"""The comparison a person reads: a Markdown table and a bar chart per metric (reports/), and the
-rows `dvc plots show` draws (plots/evaluate.json)."""
+"""The comparison a person reads: a Markdown table and a bar chart per metric, gold and proxy
+against √KL (reports/), and the rows `dvc plots show` draws (plots/evaluate.json)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
+
+from tasks.overopt import Point, draw, end_point, gold_key, picture
 
 # What each metric is, for the report's legend (docs/metrics.md has the full glossary).
 LEGEND = {
@@ -20,11 +23,23 @@ LEGEND = {
 }
 
 
-def write_report(metrics: dict[str, dict[str, float]], best: str, out: Path) -> None:
-    """`out`/evaluate.md (a table) and `out`/evaluate.png (bar charts)."""
+def write_report(
+    metrics: dict[str, dict[str, float]],
+    best: str,
+    out: Path,
+    trajectories: Mapping[str, tuple[Point, ...]] | None = None,
+) -> None:
+    """`out`/evaluate.md (the tables), `out`/evaluate.png (bar charts) and
+    `out`/overoptimisation.png: gold and proxy against √KL, with the training `trajectories`
+    (tasks/overopt.py: read_trajectories) of the stages that have them."""
     keys = [key for key in LEGEND if key in metrics["sft"]]
     _chart(metrics, keys, out / "evaluate.png")
-    (out / "evaluate.md").write_text(_markdown(metrics, keys, best), encoding="utf-8")
+    gold = gold_key(metrics["sft"])
+    points = {policy: end_point(values, gold) for policy, values in metrics.items()}
+    title = "Reward over-optimisation: gold and proxy against √KL to SFT"
+    draw(picture(points, trajectories), out / "overoptimisation.png", gold, title)
+    markdown = _markdown(metrics, keys, best) + _overoptimisation(points, gold)
+    (out / "evaluate.md").write_text(markdown, encoding="utf-8")
 
 
 def plot_rows(metrics: dict[str, dict[str, float]]) -> list[dict[str, float | str]]:
@@ -49,6 +64,30 @@ def _markdown(metrics: dict[str, dict[str, float]], keys: list[str], best: str) 
     lines += [f"- `{key}`: {LEGEND[key]}" for key in keys]
     lines += ["", "Reward rising without ground truth rising is reward hacking.", ""]
     return "\n".join(lines)
+
+
+def _overoptimisation(points: dict[str, Point], gold: str | None) -> str:
+    """The section of the picture: its end points as a table (policy, √KL, proxy, gold)."""
+    lines = [
+        "",
+        "## Reward over-optimisation: gold and proxy against √KL",
+        "",
+        "![over-optimisation](overoptimisation.png)",
+        "",
+        f"Proxy: `reward_mean`; gold: `{gold}`; √KL: √`kl_to_sft`. Lines: the held-out "
+        "evaluations during training (`<stage>.eval_every`); best-of-n: SFT, then `bon@<n>`."
+        if gold
+        else "Proxy: `reward_mean`; √KL: √`kl_to_sft`; no gold (no ground truth, no "
+        "`data.gold_reward_model`).",
+        "",
+        "| policy | √KL | proxy |" + (" gold |" if gold else ""),
+        "|---|---:|---:|" + ("---:|" if gold else ""),
+    ]
+    for policy, point in points.items():
+        cells = [f"{point.sqrt_kl:.3f}", f"{point.proxy:.3f}"]
+        cells += [f"{point.gold:.3f}" if point.gold is not None else "–"] if gold else []
+        lines.append(f"| {policy} | " + " | ".join(cells) + " |")
+    return "\n".join([*lines, ""])
 
 
 def _chart(metrics: dict[str, dict[str, float]], keys: list[str], path: Path) -> None:

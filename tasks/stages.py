@@ -201,13 +201,24 @@ TRAINING = (
     ),
 )
 POLICIES = tuple(spec.name for spec in TRAINING if spec.policy)
+BEST_OF = "bon@"
+"""Prefix of evaluate's best-of-n policies: `bon@4` is SFT's best of 4 samples by the reward
+model (`evaluate.best_of_n`)."""
+HELD_OUT = tuple(spec.name for spec in TRAINING if spec.online or spec.kind == "ppo")
+"""The stages that judge their policy on the held-out prompts while they train (tasks/heldout.py):
+the rows of their plots/<stage>.json are the trajectories of evaluate's over-optimisation
+picture (tasks/overopt.py), which evaluate therefore reads."""
 EVALUATE = StageSpec(
     "evaluate",
     "evaluate",
     "every policy on the held-out prompts, side by side (report, DVC metrics, MLflow, registry)",
     reads=("data",),
     dataset="prompts",
-    uses=(*(f"models/{policy}" for policy in POLICIES), "models/reward_model"),
+    uses=(
+        *(f"models/{policy}" for policy in POLICIES),
+        "models/reward_model",
+        *(f"{PLOTS_DIR}/{name}.json" for name in HELD_OUT),
+    ),
 )
 STAGES = (PREPARE, *TRAINING, EVALUATE)
 """Every stage, in pipeline order."""
@@ -215,10 +226,14 @@ STAGE = {spec.name: spec for spec in STAGES}
 
 
 def producer(path: str) -> str:
-    """The stage that writes `path` (data/prepared/… and models/base: prepare)."""
+    """The stage that writes `path` (data/prepared/… and models/base: prepare; models/<stage>,
+    plots/<stage>.json, metrics/<stage>.json: that stage)."""
     if path.startswith(("data/prepared", "models/base")):
         return "prepare"
-    return Path(path).parts[1] if path.startswith("models/") else path
+    parts = Path(path).parts
+    if parts[0] in (str(MODELS_DIR), str(PLOTS_DIR), str(METRICS_DIR)) and len(parts) == 2:
+        return Path(parts[1]).stem
+    return path
 
 
 TRL_STAGES = tuple(spec.name for spec in STAGES if spec.kind == "trl")

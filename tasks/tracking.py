@@ -45,6 +45,8 @@ SYSTEM_METRICS_PREFIX = "system/"  # MLflow's system metrics monitor logs under 
 FLOW_RUN_TAG = "rlhf.prefect_flow_run_id"
 PROCESS_TAG = "rlhf-process:"  # on a flow run: host/pid/start ms of the `rlhf stage` running it
 EXPERIMENT_KIND, TRAINING = "mlflow.experimentKind", "custom_model_development"
+# A DVC experiment (`dvc exp run`, queued or not) names itself and its baseline commit.
+DVC_EXP_TAGS = {"rlhf.dvc_exp": "DVC_EXP_NAME", "rlhf.baseline": "DVC_EXP_BASELINE_REV"}
 LIBRARIES = (
     "torch",
     "transformers",
@@ -349,9 +351,7 @@ def run_tags(stage: str, params: Params) -> dict[str, str]:
         "mlflow.source.git.commit": _git("rev-parse", "HEAD") or "unknown",
         "rlhf.git_dirty": str(bool(_git("status", "--porcelain", "--untracked-files=no"))),
     }
-    # A DVC experiment (`dvc exp run`, queued or not) names itself and its baseline commit.
-    dvc_exp = {"rlhf.dvc_exp": "DVC_EXP_NAME", "rlhf.baseline": "DVC_EXP_BASELINE_REV"}
-    tags |= {tag: os.environ[name] for tag, name in dvc_exp.items() if os.environ.get(name)}
+    tags |= {tag: os.environ[name] for tag, name in DVC_EXP_TAGS.items() if os.environ.get(name)}
     for name in LIBRARIES:
         with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             tags[f"version.{name}"] = importlib.metadata.version(name)

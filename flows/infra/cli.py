@@ -28,6 +28,7 @@ EXAMPLES = """examples:
   RLHF_ORCHESTRATION=deployment dvc repro  every stage runs on the worker pool
   RLHF_ORCHESTRATION=deployment,prepare=local,evaluate=local dvc repro   training on the worker
   rlhf replay .rlhf/tracking/ppo-20261203-142357-4242.jsonl   MLflow records kept in an outage
+  rlhf report sweep                       gold and proxy against √KL across DVC experiments
 """
 
 
@@ -139,6 +140,22 @@ def main(argv: list[str] | None = None) -> int:
     replay.add_argument("file", type=Path, help="the file the stage's warning names")
     replay.set_defaults(
         run=lambda a: importlib.import_module("tasks.tracking_queue").command(a.file)
+    )
+    report = commands.add_parser("report", help="pictures and tables from the MLflow store")
+    sweep = report.add_subparsers(dest="report", required=True, metavar="REPORT").add_parser(
+        "sweep",
+        help="gold and proxy against √KL across the DVC experiments of a sweep",
+        description="Each DVC experiment's evaluate point per policy (runs tagged rlhf.dvc_exp),\n"
+        "labelled by the params that differ; those that differ only in common.seed: mean ± std.",
+        epilog="example:\n  dvc exp run --queue -S 'ppo.kl_coef=0.01,0.1,0.3' && dvc queue start"
+        "\n  rlhf report sweep                 sweep/overoptimisation.png and .md\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sweep.add_argument("--out", type=Path, default=Path("sweep/overoptimisation.png"), help="PNG")
+    sweep.add_argument("--experiment", metavar="NAME", help="MLflow's (tracking.experiment)")
+    sweep.add_argument("--params", type=Path, default=Path("params.yaml"), help="its tracking")
+    sweep.set_defaults(
+        run=lambda a: importlib.import_module("tasks.sweep").command(a.out, a.experiment, a.params)
     )
     serve = commands.add_parser("warm-serve")  # flows/infra/warm.py starts it: no help, no user's
     serve.add_argument("state_dir", type=Path)
@@ -351,10 +368,9 @@ def _check_inputs(stage: str, params: Any) -> None:
     """The outputs of other stages that `stage` reads exist (evaluate: those of the listed
     policies), and local raw data parses: a missing or malformed file is one line at once."""
     spec = STAGE[stage]
-    models = {*params.evaluate.policies, "reward_model"} if spec.kind == "evaluate" else None
+    unlisted = set(POLICIES) - set(params.evaluate.policies) if spec.kind == "evaluate" else set()
     for path in spec.inputs:
-        listed = models is None or not path.startswith("models/") or path[7:] in models
-        if path != "data/raw" and listed and not Path(path).exists():
+        if path != "data/raw" and producer(path) not in unlisted and not Path(path).exists():
             raise MissingInput(f"{path}: missing; run `dvc repro {producer(path)}`")
     if spec.kind == "prepare" and params.data.source == "local":
         from tasks.data import read_local

@@ -5,9 +5,10 @@ and the outputs come down through the project's DVC remote, by hash. For the dep
 1. Laptop, `send` (the `rlhf stage X` that `dvc repro` runs, with the deployment backend): a
    default DVC remote is set, the code (flows/, tasks/, pyproject.toml, dvc.yaml, .dvc/config)
    is committed and its commit is on the git remote; then the stage's inputs (the outputs of
-   other stages it reads, its raw data, dvc.lock) are hashed into the cache and pushed. The run
-   gets the commit and those hashes in its environment (`RLHF_HANDOFF`) — never credentials:
-   each side reads its own from its environment (git, DVC and cloud settings).
+   other stages it reads, its raw data, dvc.lock) are hashed into the cache and pushed — the
+   metrics and plots of other stages, which git tracks, as the files are here. The run gets
+   the commit and those hashes in its environment (`RLHF_HANDOFF`) — never credentials: each
+   side reads its own from its environment (git, DVC and cloud settings).
 2. Worker, `enter`, the deployments' pull step: the flow run works in the worker's checkout
    (cloned once from the git remote, then fetched; `$RLHF_CHECKOUT`, by default
    `.rlhf/checkout/` of the worker's installation), locked for the run and checked out at the
@@ -67,7 +68,7 @@ def send(stage: str) -> dict[str, str]:
             "`dvc remote add -d storage s3://bucket/path` (or any DVC remote), commit .dvc/config "
             "and `git push`"
         )
-    produced, raw = _inputs(stage)
+    produced, tracked, raw = _inputs(stage)
     status = transfer.git("status", "--porcelain", "--untracked-files=all", "--", *CODE, *raw)
     if changed := [line[3:] for line in status.splitlines()]:
         paths = ", ".join(changed[:4]) + (", …" if len(changed) > 4 else "")
@@ -79,6 +80,9 @@ def send(stage: str) -> dict[str, str]:
     hashes = _recorded(produced) | _dvc_tracked(raw)
     began = time.perf_counter()
     transfer.push(repo, hashes, f"{stage}-inputs")  # objects of this cache
+    # Other stages' metrics and plots: git tracks them and DVC caches no object of theirs, and
+    # the commit may hold an older version than `dvc repro` just wrote: the files as they are.
+    hashes |= transfer.add(repo, tracked, tracked, f"{stage}-tracked-inputs")
     print(
         f"rlhf: {stage}: sent {len(hashes)} inputs through the DVC remote "
         f"({time.perf_counter() - began:.1f} s)",
@@ -138,15 +142,24 @@ def receive(stage: str, hashes: dict[str, str]) -> None:
     )
 
 
-def _inputs(stage: str) -> tuple[list[str], list[str]]:
-    """The stage's inputs here: (outputs of other stages, which go through the DVC remote; raw
-    data, which comes with the commit, or through the remote where DVC tracks it)."""
-    outs = [out for spec in STAGE.values() for out in transfer.stage_outputs(spec.name)]
-    produced, raw = [], []
+def _inputs(stage: str) -> tuple[list[str], list[str], list[str]]:
+    """The stage's inputs here: (outputs of other stages that DVC caches, which go through the
+    DVC remote as dvc.lock records them; those git tracks (`cache: false`: metrics, plots),
+    which go through it as they are here; raw data, which comes with the commit, or through the
+    remote where DVC tracks it)."""
+    outs = {
+        out: caches
+        for spec in STAGE.values()
+        for caches in (True, False)
+        for out in transfer.stage_outputs(spec.name, cached=caches)
+    }
+    produced, tracked, raw = [], [], []
     for path in (p for p in STAGE[stage].inputs if Path(p).exists()):
-        covered = any(path == out or path.startswith(f"{out}/") for out in outs)
-        (produced if covered else raw).append(path)
-    return produced, raw
+        if any((path == out or path.startswith(f"{out}/")) and outs[out] for out in outs):
+            produced.append(path)
+        else:
+            (tracked if path in outs else raw).append(path)
+    return produced, tracked, raw
 
 
 def _recorded(produced: list[str]) -> dict[str, str]:

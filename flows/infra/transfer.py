@@ -78,6 +78,8 @@ def pulled(repo: Any, hashes: dict[str, str], label: str) -> Iterator[Path]:
 def add(repo: Any, paths: list[str], copies: list[str], label: str) -> dict[str, str]:
     """Hash `paths` into the cache and push them: {path: md5}. Those in `copies` are hashed as
     copies (DVC takes no file that git tracks in place: metrics, plots)."""
+    if not paths:
+        return {}
     outs = {path: None for path in paths}
     with _dvcfile(repo, label, outs, staged=copies) as files:
         for path in copies:

@@ -193,13 +193,28 @@ def test_metrics_report_and_plots(evaluated) -> None:
 
     # reports/: the Markdown table (one row per policy, the best in bold) and the PNG chart
     best = best_policy({p: metrics[p] for p in POLICIES})  # in evaluate.policies' order
-    assert sorted(p.name for p in (root / "reports").iterdir()) == ["evaluate.md", "evaluate.png"]
-    png = (root / "reports" / "evaluate.png").read_bytes()
-    assert png.startswith(PNG) and len(png) > 10_000
+    pictures = ["evaluate.png", "overoptimisation.png"]
+    assert sorted(p.name for p in (root / "reports").iterdir()) == ["evaluate.md", *pictures]
+    for picture in pictures:
+        png = (root / "reports" / picture).read_bytes()
+        assert png.startswith(PNG) and len(png) > 10_000
     markdown = (root / "reports" / "evaluate.md").read_text(encoding="utf-8")
-    rows = [line for line in markdown.splitlines() if line.startswith("| ")][1:]  # no header
+    comparison, overoptimisation = markdown.split("## Reward over-optimisation")
+    rows = [line for line in comparison.splitlines() if line.startswith("| ")][1:]  # no header
     names = [row.strip("|").split("|")[0].strip() for row in rows]
     assert names == [f"**{p}**" if p == best else p for p in EVALUATED]
+    # its points: every policy's √kl_to_sft, reward_mean, ground_truth_score (no plots here:
+    # no trajectories)
+    rows = [line for line in overoptimisation.splitlines() if line.startswith("| ")][1:]
+    assert [[c.strip() for c in row.strip("|").split("|")] for row in rows] == [
+        [
+            p,
+            f"{math.sqrt(metrics[p]['kl_to_sft']):.3f}",
+            f"{metrics[p]['reward_mean']:.3f}",
+            f"{metrics[p]['ground_truth_score']:.3f}",
+        ]
+        for p in EVALUATED
+    ]
     assert Artifact.get("evaluate-report").data == markdown  # in the Prefect UI too
 
     # plots/evaluate.json: one row per policy, {policy, ...metrics}
@@ -236,6 +251,7 @@ def test_mlflow_runs_artifacts_and_registry(evaluated, tmp_path: Path) -> None:
     # the stage run holds the report, the chart and the samples table
     artifacts = {a.path for a in store.list_artifacts(stage.info.run_id)}
     assert {"evaluate.md", "evaluate.png", "evaluate_samples.json"} <= artifacts
+    assert "overoptimisation.png" in artifacts
     local = store.download_artifacts(stage.info.run_id, "evaluate_samples.json", str(tmp_path))
     table = json.loads(Path(local).read_text())
     columns = ["prompt"] + [

@@ -251,13 +251,16 @@ def test_write_report(tmp_path: Path) -> None:
     reports.mkdir()
     write_report(metrics, "ppo", reports)
 
-    assert sorted(p.name for p in reports.iterdir()) == ["evaluate.md", "evaluate.png"]
-    png = (reports / "evaluate.png").read_bytes()
-    assert png.startswith(b"\x89PNG\r\n\x1a\n")
-    assert len(png) > 10_000  # a real chart, not an empty canvas
+    pictures = ["evaluate.png", "overoptimisation.png"]  # the second: tests/unit/test_overopt.py
+    assert sorted(p.name for p in reports.iterdir()) == ["evaluate.md", *pictures]
+    for picture in pictures:
+        png = (reports / picture).read_bytes()
+        assert png.startswith(b"\x89PNG\r\n\x1a\n")
+        assert len(png) > 10_000  # a real chart, not an empty canvas
 
     markdown = (reports / "evaluate.md").read_text(encoding="utf-8")
-    table = [line for line in markdown.splitlines() if line.startswith("|")]
+    comparison = markdown.split("## Reward over-optimisation")[0]  # its table: test_overopt.py
+    table = [line for line in comparison.splitlines() if line.startswith("|")]
     header, rule, *rows = table
     keys = [key for key in LEGEND if key in METRICS]  # the legend's order, all seven
     assert set(keys) == set(METRICS)
