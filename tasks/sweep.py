@@ -124,8 +124,14 @@ def read_experiments(client: Any, experiment_id: str) -> list[Experiment]:
 
 def grouped(experiments: list[Experiment]) -> dict[str, list[Experiment]]:
     """Experiments by label: the params that differ between them but `common.seed`, in the
-    order of their values (numbers as numbers)."""
-    keys = sorted({key for e in experiments for key in e.params} - {SEED})
+    order of their values (numbers as numbers). Only params.yaml's keys that every experiment
+    logged count: the TRL trainers' own flat params (`learning_rate`, ...) collide between
+    stages, and a stage that an experiment did not rerun has no run of its own to log them."""
+    from tasks.params import Params
+
+    sections = set(Params.model_fields)
+    logged = set.intersection(*(set(e.params) for e in experiments)) - {SEED}
+    keys = sorted(key for key in logged if key == BASELINE or key.split(".")[0] in sections)
     differ = [key for key in keys if len({e.params.get(key) for e in experiments}) > 1]
     groups: dict[str, list[Experiment]] = {}
     for one in sorted(experiments, key=lambda e: [_order(e.params.get(k)) for k in differ]):

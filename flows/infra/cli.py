@@ -58,12 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     stage.add_argument(
         "name", choices=[spec.name for spec in STAGES], metavar="NAME", help="a stage (below)"
     )
-    stage.add_argument(
-        "--params",
-        type=Path,
-        default=Path("params.yaml"),
-        help="params file (default: params.yaml)",
-    )
+    stage.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file")
     stage.set_defaults(run=run_stage)
 
     generate = commands.add_parser(
@@ -125,9 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--mlflow-port", type=int, default=5000)
     up.add_argument("--worker", metavar="POOL", help="also start a process worker on POOL")
     up.set_defaults(run=lambda a: _services().up(a.prefect_port, a.mlflow_port, a.worker) or 0)
-    down = commands.add_parser(
-        "down", help="stop what `rlhf up` started, and the stages' shared Prefect server"
-    )
+    down = commands.add_parser("down", help="stop what `rlhf up` and the stages started")
     down.set_defaults(run=lambda a: _services().down() or 0)
     replay = commands.add_parser(
         "replay",
@@ -145,11 +138,10 @@ def main(argv: list[str] | None = None) -> int:
     sweep = report.add_subparsers(dest="report", required=True, metavar="REPORT").add_parser(
         "sweep",
         help="gold and proxy against √KL across the DVC experiments of a sweep",
-        description="Each DVC experiment's evaluate point per policy (runs tagged rlhf.dvc_exp),\n"
-        "labelled by the params that differ; those that differ only in common.seed: mean ± std.",
-        epilog="example:\n  dvc exp run --queue -S 'ppo.kl_coef=0.01,0.1,0.3' && dvc queue start"
-        "\n  rlhf report sweep                 sweep/overoptimisation.png and .md\n",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Each DVC experiment's evaluate point per policy (runs tagged rlhf.dvc_exp),"
+        " labelled by the params that differ; those that differ only in common.seed: mean ± std.",
+        epilog="example: dvc exp run --queue -S 'ppo.kl_coef=0.01,0.1,0.3' && dvc queue start;"
+        " then: rlhf report sweep",
     )
     sweep.add_argument("--out", type=Path, default=Path("sweep/overoptimisation.png"), help="PNG")
     sweep.add_argument("--experiment", metavar="NAME", help="MLflow's (tracking.experiment)")

@@ -171,6 +171,31 @@ def test_seeds_are_one_point_with_numpys_mean_and_std(
     assert "seed-1 (seed 1), seed-2 (seed 2), seed-3 (seed 3)" in table
 
 
+def test_only_params_yaml_keys_every_experiment_logged_label_a_point(
+    workdir: Path, store: Path, params_file: Path, drawn: list[dict[str, Any]]
+) -> None:
+    """A TRL trainer logs its config's flat fields (`learning_rate`, shared by every TRL
+    stage); a stage one experiment reran and the other restored from DVC's cache logged them
+    in one only. Neither splits the label, which stays the swept param."""
+    import mlflow
+
+    mlflow.set_experiment(EXPERIMENT)
+    with mlflow.start_run(
+        run_name="dpo",
+        tags={"rlhf.stage": "dpo", "rlhf.dvc_exp": "exp-low", "rlhf.baseline": BASELINE},
+    ):
+        mlflow.log_params({"learning_rate": 5e-5, "dpo.trainer.beta": 0.1})
+    low = log_experiment("exp-low", 0.01, 42)
+    high = log_experiment("exp-high", 0.3, 42)
+    sweep.command(workdir / "sweep.png", None, params_file)
+
+    (call,) = drawn
+    assert _points(call["series"], "ppo") == {
+        "ppo.kl_coef=0.01": _expected(low["ppo"]),
+        "ppo.kl_coef=0.3": _expected(high["ppo"]),
+    }
+
+
 def test_no_experiments_is_one_error_line(
     workdir: Path, empty_store: Path, params_file: Path, capsys: pytest.CaptureFixture
 ) -> None:
