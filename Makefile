@@ -28,7 +28,7 @@ pipeline: install
 	dvc repro
 
 test: install
-	pytest -q --durations=15
+	pytest -q --durations=15 -n 2
 
 lint: install
 	ruff check . && ruff format --check .

@@ -9,6 +9,11 @@ for _key, _value in {
     # Never a temporary server per process: stages share one (flows/infra/prefect_server.py).
     "PREFECT_SERVER_ALLOW_EPHEMERAL_MODE": "false",
     "MLFLOW_DISABLE_TELEMETRY": "true",
+    # One writer for MLflow's asynchronous logging (TRL's callback logs that way): steps reach
+    # the store in the order they were logged. With its default pool of 10 a slow batch was
+    # overtaken, and a stage killed then lost that step for good (a resumed run logs only the
+    # steps after the last one its run has: tasks/tracking.py logged_until).
+    "MLFLOW_ASYNC_LOGGING_THREADPOOL_SIZE": "1",
     "HF_HUB_DISABLE_TELEMETRY": "1",
     "TRL_EXPERIMENTAL_SILENCE": "1",  # SimPO's CPOTrainer is experimental; TRL is pinned
     "TOKENIZERS_PARALLELISM": "false",

@@ -20,6 +20,47 @@ from flows.infra.testing import SMALL, write_params
 
 REPO = Path(__file__).resolve().parents[1]
 
+if workers := os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    # Each xdist worker's torch, and the stages it starts, get their share of the cores: two
+    # workers of two threads each on two cores mostly wait for each other's threads.
+    threads = max(1, (os.cpu_count() or 1) // int(workers))
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+
+
+SHARED = {  # test files that share a fixture wider than a module → the group they run in
+    "tests/e2e/": "e2e",  # tests/e2e/conftest.py: project, one dvc repro for the package
+    "tests/service/test_faults.py": "repo",  # tests/service/conftest.py: repo
+    "tests/service/test_outage.py": "repo",
+}
+HEAVY_FIRST = ("tests/e2e/", "tests/service/", "tests/integration/")
+"""The order groups start in: the longest first, the unit tests fill the gaps at the end."""
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The heaviest directories first (a stable sort: each file keeps its own order)."""
+    rank = {prefix: i for i, prefix in enumerate(HEAVY_FIRST)}
+    items.sort(
+        key=lambda item: next(
+            (i for prefix, i in rank.items() if item.nodeid.startswith(prefix)), len(rank)
+        )
+    )
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """`make test` runs two pytest-xdist workers: each test file, or the files of one group of
+    SHARED, runs whole on one worker, so a fixture wider than a test is built once. (xdist's
+    own `--dist loadgroup` marks tests by rewriting their node ids, which pytest 9.2 ignores.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    config.option.loadscopereorder = False  # groups start in collection order: HEAVY_FIRST
+
+    class ByFile(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::")[0]
+            return next((group for pre, group in SHARED.items() if path.startswith(pre)), path)
+
+    return ByFile(config, log)
+
 
 @pytest.fixture
 def make_params(tmp_path: Path) -> Callable[..., Path]:

@@ -1,5 +1,6 @@
 """`dvc repro` on a copy of the repository: every stage runs, then nothing re-runs, then a param
-change re-runs exactly what it should. Small params keep it to a few minutes on a CPU."""
+change re-runs exactly what it should. The run is the package's (tests/e2e/conftest.py), at
+sizes where every stage learns (test_learning.py reads what it learnt)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ import re
 import sqlite3
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,11 +18,7 @@ from ruamel.yaml import YAML
 from flows.infra.deployment import BIN
 from flows.infra.services import free_port, stop_recorded
 from flows.infra.testing import (
-    GIT_IDENTITY,
-    REPO,
     Services,
-    clean_env,
-    copy_repo,
     services,
     upstream,
     wait_http,
@@ -57,26 +53,6 @@ def _mtimes(repo: Path, paths: list[str]) -> dict[str, int]:
         for path in [root, *(sorted(root.rglob("*")) if root.is_dir() else [])]:
             found[str(path.relative_to(repo))] = path.stat().st_mtime_ns
     return found
-
-
-@pytest.fixture(scope="module")
-def project(
-    tmp_path_factory: pytest.TempPathFactory, prefect_server: None
-) -> Iterator[dict[str, Any]]:
-    """A git + DVC copy of the repository (committed and uncommitted-but-not-ignored files),
-    minus any stage output and dvc.lock, with FAST params and its own MLflow store
-    (flows.infra.testing.copy_repo and clean_env).
-
-    Stages report to the session's Prefect server and start in a warm process of the copy
-    (flows/infra/warm.py), as `dvc repro` runs them for a user; it is stopped at the end."""
-    import prefect.settings
-
-    root = tmp_path_factory.mktemp("e2e")
-    repo = copy_repo(root / "repo", {"tracking.system_metrics_interval_s": 0.5})  # short stages
-    env = clean_env(repo, root) | GIT_IDENTITY  # `dvc exp run` commits
-    env["PREFECT_API_URL"] = prefect.settings.PREFECT_API_URL.value()
-    yield {"repo": repo, "root": root, "env": env, "stages": _yaml(REPO / "dvc.yaml")["stages"]}
-    stop_recorded(repo / ".rlhf")
 
 
 def dvc(project: dict[str, Any], *args: str, timeout: float = 900) -> str:
@@ -133,8 +109,8 @@ def outputs(project: dict[str, Any], name: str | None = None) -> list[str]:
 def test_repro_runs_every_stage_then_nothing_then_what_changed(project: dict[str, Any]):
     repo, stages = project["repo"], project["stages"]
 
-    # 1. a fresh copy: every stage runs
-    first = dvc(project, "repro")
+    # 1. a fresh copy: every stage ran (tests/e2e/conftest.py: project)
+    first = project["output"]
     for name in stages:
         assert f"Running stage '{name}'" in first, first
     for path in outputs(project):
@@ -339,7 +315,21 @@ def test_queued_experiments_log_to_the_project(project: dict[str, Any]):
     user |= {"RLHF_PREFECT_IDLE_S": "3", "RLHF_WARM_IDLE_S": "3"}
     queue = {**project, "env": user}
     for name, beta in (("beta-a", 0.15), ("beta-b", 0.3)):
-        dvc(queue, "exp", "run", "--queue", "-n", name, "-S", f"dpo.trainer.beta={beta}")
+        short = (
+            "+dpo.trainer.max_steps=8"  # a new trainer key (+); the package's dpo is not the point
+        )
+        dvc(
+            queue,
+            "exp",
+            "run",
+            "--queue",
+            "-n",
+            name,
+            "-S",
+            f"dpo.trainer.beta={beta}",
+            "-S",
+            short,
+        )
     dvc(queue, "queue", "start", "-j", "2")
     deadline = time.monotonic() + 900
     while re.search(r"\b(Queued|Running)\b", status := dvc(queue, "queue", "status")):

@@ -146,6 +146,36 @@ def test_a_resumed_trl_run_does_not_log_the_steps_it_has(workdir: Path) -> None:
     assert summary == {"train_runtime": 1.5, "train_loss": 0.3}
 
 
+def test_a_slow_batch_is_not_overtaken_by_the_steps_after_it(
+    workdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Asynchronous logging (TRL's MLflow callback) keeps the order of the steps: a resumed run
+    logs only after the last step its killed run has, so a step overtaken by a later one and
+    not yet written at the kill would be lost. The first step's batch is slow here (a busy
+    SQLite file, a loaded machine); the steps reach the store in order all the same."""
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    written: list[int] = []
+    log_batch = SqlAlchemyStore.log_batch
+
+    def slow_first(self: SqlAlchemyStore, run_id: str, metrics: list, params: list, tags: list):
+        if any(metric.step == 0 for metric in metrics):
+            time.sleep(0.5)
+        log_batch(self, run_id, metrics, params, tags)
+        written.extend(sorted({metric.step for metric in metrics}))
+
+    # A store of its own, made after the patch: its async queue binds the patched method.
+    monkeypatch.setattr(SqlAlchemyStore, "log_batch", slow_first)
+    mlflow.set_tracking_uri(f"sqlite:///{workdir / 'ordered.db'}")
+    with mlflow.start_run() as run:
+        for step in range(6):
+            mlflow.log_metrics({"loss": 1.0 / (step + 1)}, step=step, synchronous=False)
+            time.sleep(0.02)  # one batch per step
+        mlflow.flush_async_logging()
+    assert written == list(range(6))
+    assert logged_until(run.info.run_id) == 5
+
+
 def test_a_pid_reused_by_a_newer_process_counts_as_dead() -> None:
     from tasks.tracking import _alive
 
