@@ -293,6 +293,10 @@ def train_ppo(params: Params) -> dict[str, float]:
         judged = [*run.history, final]
         metrics |= {key.replace("/", "_"): final[key] for key in final if key.startswith("heldout")}
         metrics["heldout_s"] = sum(row.get("time/heldout_s", 0.0) for row in judged)
+    # What only training needed goes before the export, or it is the run's peak (performance.md)
+    run.critic = run.reward = run.reference = run.actor_optimizer = run.critic_optimizer = None
+    run.actor_scheduler = run.critic_scheduler = held = None
+    run.accelerator.free_memory()  # accelerate's own references to them, then a collection
     policy = unsharded_policy(run)  # FSDP: gathered to rank 0, with every process
     check_replicas(run, policy)
     if run.accelerator.is_main_process:

@@ -100,3 +100,42 @@ def test_lora_shares_the_bases_and_equals_the_two_copy_path(
     assert not any(
         p.grad is not None for m in (actor, critic) for p in m.parameters() if not p.requires_grad
     )
+
+
+def test_the_export_holds_the_actor_alone(
+    inputs: Path,  # noqa: F811
+    workdir: Path,
+    make_params,
+    prefect_server,
+    monkeypatch: pytest.MonkeyPatch,
+):
+    """Writing models/ppo/ holds the merged actor: the critic (and, under LoRA, the reward model
+    it carries) and both optimizers are freed before it, or the export is the run's memory peak
+    (docs/performance.md, PPO memory). Checked with weak references at the moment of saving."""
+    import gc
+    import weakref
+
+    import tasks.ppo.train as train
+    from flows.ppo import ppo
+
+    copy_inputs(inputs, workdir)
+    params = load_params(make_params(OVERRIDES | LORA))
+    watched: list[weakref.ref] = []
+    setup, save_policy = train.setup, train._save_policy
+
+    def watching_setup(params: Any) -> Any:
+        run = setup(params)
+        unwrap = run.accelerator.unwrap_model
+        watched.extend(weakref.ref(x) for x in (unwrap(run.critic), run.critic_optimizer))
+        watched.append(weakref.ref(run.actor_optimizer))
+        return run
+
+    def saving(run: Any, policy: Any) -> None:
+        gc.collect()
+        assert [ref() is None for ref in watched] == [True, True, True]
+        save_policy(run, policy)
+
+    monkeypatch.setattr(train, "setup", watching_setup)
+    monkeypatch.setattr(train, "_save_policy", saving)
+    ppo(params)
+    assert (workdir / "models" / "ppo" / "config.json").is_file()
