@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     stage.add_argument(
         "name", choices=[spec.name for spec in STAGES], metavar="NAME", help="a stage (below)"
     )
-    stage.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file")
+    stage.add_argument("--params", type=Path, default=Path("params.yaml"), help="%(default)s")
     stage.set_defaults(run=run_stage)
 
     generate = commands.add_parser(

@@ -315,9 +315,7 @@ def test_queued_experiments_log_to_the_project(project: dict[str, Any]):
     user |= {"RLHF_PREFECT_IDLE_S": "3", "RLHF_WARM_IDLE_S": "3"}
     queue = {**project, "env": user}
     for name, beta in (("beta-a", 0.15), ("beta-b", 0.3)):
-        short = (
-            "+dpo.trainer.max_steps=8"  # a new trainer key (+); the package's dpo is not the point
-        )
+        short = "+dpo.trainer.max_steps=8"  # a new trainer key (+): the queue is the point here
         dvc(
             queue,
             "exp",
